@@ -1,0 +1,9 @@
+"""swimdist: distributed, out-of-core training of SWIM sampled neural networks on Dask."""
+
+from . import config as _config  # noqa: F401  (registers the swimdist.* dask.config defaults)
+from .estimators import SWIMClassifier, SWIMRegressor, load_model
+from .lstsq import solve
+
+__version__ = "0.1.0"
+
+__all__ = ["SWIMClassifier", "SWIMRegressor", "__version__", "load_model", "solve"]

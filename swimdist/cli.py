@@ -1,0 +1,260 @@
+"""``swimdist train | evaluate | predict | info | config``: argument parsing only."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+
+import click
+import dask.config
+import numpy as np
+import yaml
+
+from . import __version__, config
+from .exceptions import SwimdistError
+
+_DATA_OPTIONS = [
+    click.option("--dataset", type=click.Choice(["sine", "mnist", "file"]), default=None,
+                 help="Dataset (default sine)."),
+    click.option("--n-train", type=int, default=None, help="sine: training samples."),
+    click.option("--n-test", type=int, default=None, help="sine: test samples."),
+    click.option("--sine-alpha", type=float, default=None,
+                 help="sine: frequency alpha in sin(alpha (x + y))."),
+    click.option("--data-dir", default=None, help="mnist: directory with the IDX files."),
+    click.option("--download/--no-download", default=None,
+                 help="mnist: download missing files (checksummed)."),
+    click.option("--input", "path", default=None, help="file: training data (.npy/.npz/.h5/.zarr)."),
+    click.option("--test-input", "test_path", default=None, help="file: held-out data."),
+    click.option("--x-key", default=None, help="file: name of the inputs array."),
+    click.option("--y-key", default=None, help="file: name of the targets array."),
+    click.option("--task", type=click.Choice(["regression", "classification"]), default=None),
+]
+
+
+def _data_options(f):
+    for opt in reversed(_DATA_OPTIONS):
+        f = opt(f)
+    return f
+
+
+def _data_overrides(kw: dict) -> dict:
+    keys = ("dataset", "n_train", "n_test", "sine_alpha", "data_dir", "download", "path",
+            "test_path", "x_key", "y_key", "task")
+    return {k: kw.pop(k) for k in keys if kw.get(k) is not None}
+
+
+def _fail(exc: BaseException) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(1)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="swimdist")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """swimdist: train SWIM sampled neural networks on Dask."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("swimdist").setLevel(logging.INFO if verbose == 0 else level)
+    if verbose == 0:
+        import distributed  # noqa: F401  (configures its loggers; quiet them below)
+
+        for name in list(logging.root.manager.loggerDict):
+            if name.split(".")[0] in ("distributed", "tornado", "bokeh"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("swimdist").handlers[:] = [_EchoHandler()]
+        logging.getLogger("swimdist").propagate = False
+
+
+class _EchoHandler(logging.Handler):
+    """Prints swimdist's own info messages (choices, dashboard) plainly to stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name in ("swimdist.cluster", "swimdist.lstsq") or record.levelno >= 30:
+            click.echo(record.getMessage(), err=True)
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML job spec; flags override its values.")
+@_data_options
+@click.option("--hidden", default=None,
+              help="Neurons per hidden layer, comma separated (e.g. 1000 or 500,500).")
+@click.option("--activation", default=None, help="tanh or relu.")
+@click.option("--sampler", default=None, help="swim, uniform or random.")
+@click.option("--solver", default=None, help="Least-squares solver (default auto).")
+@click.option("--rcond", type=float, default=None, help="Relative singular-value cutoff.")
+@click.option("--alpha", type=float, default=None, help="Tikhonov damping of the output layer.")
+@click.option("--seed", "random_state", type=int, default=None, help="Random seed.")
+@click.option("--chunk-rows", type=int, default=None, help="Rows per feature block.")
+@click.option("--feature-dtype", type=click.Choice(["float64", "float32"]), default=None)
+@click.option("--distinct/--with-replacement", "distinct", default=None,
+              help="Draw distinct neuron pairs (no duplicate neurons).")
+@click.option("--store", default=None, help="Feature store path or fsspec URL (default: temporary).")
+@click.option("--output", "-o", default=None, help="Output directory (model, status, metrics).")
+@click.option("--scheduler", default=None,
+              help="Scheduler address (default: DASK_SCHEDULER_ADDRESS or an embedded cluster).")
+@click.option("--n-workers", type=int, default=None, help="Embedded cluster: worker processes.")
+@click.option("--threads-per-worker", type=int, default=None)
+@click.option("--memory-limit", default=None, help="Embedded cluster: total memory, e.g. 6GB.")
+@click.option("--performance-report", type=click.Path(dir_okay=False), default=None,
+              help="Write a Dask performance report (HTML) of the fit.")
+def train(config_path, **kw) -> None:
+    """Train a model; prints its metrics and where it was written."""
+    from .service import load_spec, run_job
+
+    report = kw.pop("performance_report")
+    over: dict = {}
+    data = _data_overrides(kw)
+    if data:
+        over["data"] = data
+    model: dict = {}
+    if kw.get("hidden"):
+        try:
+            model["hidden_layer_sizes"] = [int(s) for s in str(kw["hidden"]).split(",")]
+        except ValueError:
+            _fail(SwimdistError(f"--hidden must be integers separated by commas; got "
+                                f"{kw['hidden']!r}."))
+    distinct = kw.pop("distinct")
+    if distinct is not None:
+        model["replace"] = not distinct
+    for k in ("activation", "sampler", "solver", "rcond", "alpha", "random_state", "chunk_rows",
+              "feature_dtype"):
+        if kw.get(k) is not None:
+            model[k] = kw[k]
+    if model:
+        over["model"] = model
+    clus = {k: kw[k] for k in ("scheduler", "n_workers", "threads_per_worker", "memory_limit")
+            if kw.get(k) is not None}
+    if clus:
+        over["cluster"] = clus
+    for k in ("store", "output"):
+        if kw.get(k) is not None:
+            over[k] = kw[k]
+    try:
+        spec = load_spec(config_path, over)
+        click.echo(f"swimdist {__version__}: training on {spec['data']['dataset']} "
+                   f"(hidden {spec['model']['hidden_layer_sizes']}, solver "
+                   f"{spec['model']['solver']}) -> {spec['output']}", err=True)
+        with dask.config.set({"swimdist.progress": True}):
+            metrics = run_job(spec, performance_report=report)
+    except SwimdistError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    _print_metrics(metrics)
+    click.echo(f"model written to {os.path.join(spec['output'], 'model.npz')}")
+
+
+def _print_metrics(m: dict) -> None:
+    for split in ("train", "test"):
+        if split in m:
+            vals = ", ".join(f"{k} {v:.4g}" for k, v in m[split].items() if k != "n")
+            click.echo(f"{split}: {vals} (n={m[split]['n']})")
+    t = m.get("timings", {})
+    click.echo(f"solver {m.get('solver')}, rank {m.get('rank')}, relative residual "
+               f"{m.get('relative_residual', float('nan')):.3e}; fit {t.get('total', 0):.2f} s "
+               f"(sample {t.get('sample', 0):.2f}, features {t.get('features', 0):.2f}, "
+               f"solve {t.get('solve', 0):.2f})")
+
+
+@main.command()
+@click.option("--model", "model_path", required=True, help="A model.npz written by train.")
+@_data_options
+@click.option("--scheduler", default=None, help="Scheduler address (default: in-process).")
+def evaluate(model_path, scheduler, **kw) -> None:
+    """Evaluate a saved model on a dataset's test split (or the file given)."""
+    from .estimators import load_model
+    from .service import DEFAULT_SPEC, _merge, evaluate, load_data
+
+    try:
+        model = load_model(model_path)
+        data = _merge(DEFAULT_SPEC["data"], _data_overrides(kw), "data.")
+        X, y, Xt, yt, task = load_data(data)
+        if Xt is None:
+            Xt, yt = X, y
+        m = evaluate(model, Xt, yt, task)
+    except SwimdistError as exc:
+        _fail(exc)
+    click.echo(", ".join(f"{k} {v:.6g}" for k, v in m.items()))
+
+
+@main.command()
+@click.option("--model", "model_path", required=True, help="A model.npz written by train.")
+@click.option("--input", "input_path", required=True, help=".npy/.npz/.h5/.zarr inputs.")
+@click.option("--x-key", default="X", help="Array name inside .npz/.h5/.zarr.")
+@click.option("--output", "-o", "output_path", required=True, help="Where to write predictions (.npy).")
+def predict(model_path, input_path, x_key, output_path) -> None:
+    """Predict with a saved model and write the predictions as .npy."""
+    from .estimators import load_model
+    from .storage import load_array
+
+    try:
+        model = load_model(model_path)
+        X = load_array(input_path, x_key)
+        pred = np.asarray(model.predict(X))
+        tmp = output_path + ".tmp.npy"
+        np.save(tmp, pred, allow_pickle=False)
+        os.replace(tmp, output_path if output_path.endswith(".npy") else output_path)
+    except SwimdistError as exc:
+        _fail(exc)
+    click.echo(f"wrote {pred.shape[0]} predictions to {output_path}")
+
+
+@main.command()
+@click.argument("path", required=False)
+def info(path) -> None:
+    """Versions, settings and solvers; with PATH, describe a model file or feature store."""
+    import dask
+    import distributed
+    import scipy
+    import zarr
+
+    from .lstsq import SOLVERS
+
+    if path:
+        try:
+            _describe(path)
+        except SwimdistError as exc:
+            _fail(exc)
+        return
+    click.echo(f"swimdist {__version__} (python {platform.python_version()}, dask "
+               f"{dask.__version__}, distributed {distributed.__version__}, numpy "
+               f"{np.__version__}, scipy {scipy.__version__}, zarr {zarr.__version__})")
+    click.echo(f"cores {os.cpu_count()}; solvers: {', '.join(sorted(SOLVERS))}")
+    from .cluster import scheduler_address
+
+    click.echo(f"scheduler: {scheduler_address() or 'embedded LocalCluster'}")
+
+
+def _describe(path: str) -> None:
+    from . import storage
+
+    if path.endswith(".npz"):
+        arrays, meta = storage.load_arrays(path)
+        click.echo(yaml.safe_dump({"model": meta["estimator"], "params": meta["params"],
+                                   "n_features_in": meta["n_features_in"],
+                                   "fit_info": meta.get("fit_info", {})}, sort_keys=False))
+        return
+    grp = storage._existing_group(path)
+    if grp is None:
+        raise storage.StoreError(f"Nothing at {path!r}.")
+    click.echo(yaml.safe_dump(dict(grp.attrs["swimdist"]), sort_keys=False))
+
+
+@main.command("config")
+@click.argument("key", required=False)
+def config_cmd(key) -> None:
+    """Print swimdist's settings (all, or KEY such as cluster.memory-limit)."""
+    if key:
+        click.echo(yaml.safe_dump(config.get(key), default_flow_style=False).strip())
+    else:
+        click.echo(yaml.safe_dump({"swimdist": dask.config.get("swimdist")},
+                                  sort_keys=False).strip())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,109 @@
+"""Connect to a Dask scheduler, or start an embedded LocalCluster sized to the machine.
+
+Every cluster swimdist starts pins BLAS/OpenMP threads per worker so that worker threads x
+BLAS threads never exceed the cores (oversubscribed LAPACK runs many times slower).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import dask
+import dask.config
+from dask.utils import format_bytes, parse_bytes
+
+from . import config
+from .exceptions import SchedulerError, ValidationError
+
+logger = logging.getLogger("swimdist.cluster")
+
+_BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+              "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def scheduler_address(address: str | None = None) -> str | None:
+    """The scheduler to use: argument, ``swimdist.cluster.scheduler-address``, or
+    ``DASK_SCHEDULER_ADDRESS`` (dask's ``scheduler-address``); None = embedded."""
+    return (address or config.get("cluster.scheduler-address")
+            or dask.config.get("scheduler-address", default=None)
+            or os.environ.get("DASK_SCHEDULER_ADDRESS") or None)
+
+
+def local_cluster_kwargs(*, n_workers: int | None = None, threads_per_worker: int | None = None,
+                         memory_limit: str | int | None = None,
+                         processes: bool = True) -> dict:
+    """Keyword arguments for ``LocalCluster``: workers x threads = cores, memory split evenly.
+
+    ``memory_limit`` is the budget of *all* workers together (e.g. "6GB").
+    """
+    cores = os.cpu_count() or 1
+    threads = int(threads_per_worker or config.get("cluster.threads-per-worker") or 1)
+    workers = int(n_workers or config.get("cluster.n-workers") or max(1, cores // threads))
+    if workers < 1 or threads < 1:
+        raise ValidationError(f"n_workers and threads_per_worker must be >= 1; got {workers}, "
+                              f"{threads}.")
+    budget = memory_limit or config.get("cluster.memory-limit")
+    per_worker: int | str = "auto"
+    if budget not in (None, "auto"):
+        try:
+            total = parse_bytes(budget) if isinstance(budget, str) else int(budget)
+        except (ValueError, TypeError):
+            raise ValidationError(f"memory_limit {budget!r} is not a size such as '6GB'.") from None
+        per_worker = max(total // workers, 1)
+    blas = str(config.get("cluster.blas-threads") or 1)
+    return {
+        "n_workers": workers, "threads_per_worker": threads, "processes": processes,
+        "memory_limit": per_worker, "dashboard_address": ":0",
+        "env": {v: blas for v in _BLAS_VARS} if processes else None,
+    }
+
+
+def connect(address: str | None = None, *, n_workers: int | None = None,
+            threads_per_worker: int | None = None, memory_limit: str | int | None = None,
+            processes: bool = True, timeout: float | None = None, security=None):
+    """Return ``(client, cluster)``: a Client on ``address`` or on a new LocalCluster.
+
+    ``cluster`` is the LocalCluster started here (close it when done) or None.
+    An unreachable address fails within ``timeout`` seconds with :class:`SchedulerError`.
+    """
+    from distributed import Client, LocalCluster
+
+    address = scheduler_address(address)
+    timeout = float(timeout or config.get("cluster.connect-timeout") or 10)
+    if address:
+        try:
+            client = Client(address, timeout=f"{timeout}s", security=security,
+                            set_as_default=True)
+        except (OSError, TimeoutError) as exc:
+            raise SchedulerError(
+                f"Could not reach the Dask scheduler at {address!r} within {timeout:g} s "
+                f"({type(exc).__name__}: {exc}). Check the address, that the scheduler is "
+                "running, and TLS settings; or omit --scheduler to use an embedded cluster."
+            ) from None
+        logger.info("connected to %s (dashboard %s)", address, client.dashboard_link)
+        return client, None
+    kw = local_cluster_kwargs(n_workers=n_workers, threads_per_worker=threads_per_worker,
+                              memory_limit=memory_limit, processes=processes)
+    if kw["env"] is None:
+        kw.pop("env")
+    cluster = LocalCluster(silence_logs=logging.WARNING, **kw)
+    client = Client(cluster, set_as_default=True)
+    mem = kw["memory_limit"]
+    logger.info("started LocalCluster: %d workers x %d threads, memory %s per worker, "
+                "dashboard %s", kw["n_workers"], kw["threads_per_worker"],
+                mem if isinstance(mem, str) else format_bytes(mem), client.dashboard_link)
+    return client, cluster
+
+
+@contextlib.contextmanager
+def session(address: str | None = None, **kwargs):
+    """Context manager yielding a connected Client; closes what it started."""
+    client, cluster = connect(address, **kwargs)
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

@@ -1,0 +1,444 @@
+"""SWIMRegressor and SWIMClassifier, in scikit-learn's conventions without importing it.
+
+``fit`` runs the three stages of a sampled network on whatever Dask scheduler is active
+(a ``distributed.Client`` if one exists, else dask's threaded scheduler):
+
+1. sample the hidden layers from data pairs (:mod:`swimdist.sampling`);
+2. build the features ``A = [sigma(Phi(X) W + b), 1]`` block by block on the workers and keep
+   them in a Zarr store (:mod:`swimdist.features`, :mod:`swimdist.storage`);
+3. solve ``min ||A C - Y||`` with the chosen solver (:func:`swimdist.solve`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+
+import dask
+import dask.array as da
+import numpy as np
+
+from . import storage
+from .activations import get_activation
+from .exceptions import NotFittedError, ValidationError
+from .features import add_bias_column, block_rows, hidden_features
+from .lstsq import get_solver, solve
+from .sampling import SAMPLERS, Layer, sample_layers
+from .validation import (
+    check_hidden_layer_sizes,
+    check_nonnegative,
+    check_positive_int,
+    check_X,
+    check_y,
+)
+
+logger = logging.getLogger("swimdist.estimators")
+
+FEATURE_DTYPES = ("float64", "float32")
+
+
+def _remote_client():
+    """The active distributed Client if its cluster is not a LocalCluster, else None."""
+    try:
+        from distributed import get_client
+
+        client = get_client()
+    except (ImportError, ValueError):
+        return None
+    from distributed import LocalCluster
+
+    return None if isinstance(client.cluster, LocalCluster) else client
+
+
+def _forward_numpy(X: np.ndarray, layers: list[Layer], coef, intercept, rows: int = 8192):
+    out = np.empty((X.shape[0], coef.shape[1]))
+    for r in range(0, X.shape[0], rows):
+        z = np.asarray(X[r:r + rows], dtype=np.float64)
+        for layer in layers:
+            z = layer.apply(z)
+        out[r:r + rows] = z @ coef + intercept
+    return out
+
+
+class _SWIMBase:
+    """Shared parameters, fitting stages and persistence of the SWIM estimators."""
+
+    _task = "regression"
+
+    def __init__(self, *, hidden_layer_sizes=(100,), activation="tanh", sampler="swim",
+                 solver="auto", rcond=1e-10, alpha=0.0, random_state=None, chunk_rows=None,
+                 store=None, feature_dtype="float64", replace=True, solver_options=None):
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.sampler = sampler
+        self.solver = solver
+        self.rcond = rcond
+        self.alpha = alpha
+        self.random_state = random_state
+        self.chunk_rows = chunk_rows
+        self.store = store
+        self.feature_dtype = feature_dtype
+        self.replace = replace
+        self.solver_options = solver_options
+
+    # ------------------------------------------------------------------ sklearn protocol
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return sorted(p.name for p in sig.parameters.values() if p.kind == p.KEYWORD_ONLY)
+
+    def get_params(self, deep: bool = True) -> dict:
+        """Constructor parameters, as scikit-learn's ``get_params``."""
+        return {k: getattr(self, k) for k in self._get_param_names()}
+
+    def set_params(self, **params):
+        """Set constructor parameters, as scikit-learn's ``set_params``."""
+        valid = self._get_param_names()
+        for k, v in params.items():
+            if k not in valid:
+                raise ValidationError(f"Invalid parameter {k!r} for {type(self).__name__}; "
+                                      f"valid parameters are: {', '.join(valid)}.")
+            setattr(self, k, v)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = {p.name: p.default for p in inspect.signature(type(self).__init__)
+                    .parameters.values() if p.kind == p.KEYWORD_ONLY}
+        changed = []
+        for k, v in self.get_params().items():
+            d = defaults[k]
+            if isinstance(v, np.ndarray) or isinstance(d, np.ndarray) or v != d:
+                changed.append(f"{k}={v!r}")
+        return f"{type(self).__name__}({', '.join(changed)})"
+
+    def __sklearn_tags__(self):
+        # Only scikit-learn calls this hook, so scikit-learn is importable whenever it runs;
+        # swimdist itself never imports it.
+        from sklearn.utils import ClassifierTags, RegressorTags, Tags, TargetTags
+
+        clf = self._task == "classification"
+        return Tags(
+            estimator_type="classifier" if clf else "regressor",
+            target_tags=TargetTags(required=True, multi_output=not clf,
+                                   single_output=True),
+            transformer_tags=None,
+            regressor_tags=None if clf else RegressorTags(),
+            classifier_tags=ClassifierTags(multi_class=True) if clf else None,
+        )
+
+    # ------------------------------------------------------------------ fitting
+    def _check_params(self) -> dict:
+        sizes = check_hidden_layer_sizes(self.hidden_layer_sizes)
+        get_activation(self.activation)
+        if self.sampler not in SAMPLERS:
+            raise ValidationError(f"Unknown sampler {self.sampler!r}; valid samplers are: "
+                                  f"{', '.join(SAMPLERS)}.")
+        get_solver(self.solver)
+        if self.feature_dtype not in FEATURE_DTYPES:
+            raise ValidationError(f"feature_dtype must be one of {FEATURE_DTYPES}; got "
+                                  f"{self.feature_dtype!r}.")
+        if self.chunk_rows is not None:
+            check_positive_int(self.chunk_rows, "chunk_rows")
+        opts = self.solver_options or {}
+        if not isinstance(opts, dict):
+            raise ValidationError(f"solver_options must be a dict; got {type(opts).__name__}.")
+        if self.random_state is None:
+            seed = int(np.random.SeedSequence().generate_state(1)[0])
+        elif isinstance(self.random_state, np.random.RandomState):
+            seed = int(self.random_state.randint(0, 2**31 - 1))
+        elif isinstance(self.random_state, np.random.Generator):
+            seed = int(self.random_state.integers(0, 2**31 - 1))
+        else:
+            try:
+                seed = int(self.random_state)
+            except (TypeError, ValueError):
+                raise ValidationError(f"random_state must be None or an integer; got "
+                                      f"{self.random_state!r}.") from None
+        return {"sizes": sizes, "rcond": check_nonnegative(self.rcond, "rcond"),
+                "alpha": check_nonnegative(self.alpha, "alpha"), "seed": seed,
+                "options": dict(opts)}
+
+    def _targets(self, y, n: int):
+        """(Y for the solver (N, K), labels/targets for sampling (N, K'))."""
+        raise NotImplementedError
+
+    def fit(self, X, y):
+        """Sample the hidden layers, build the features on the workers, solve the output layer.
+
+        Parameters
+        ----------
+        X : array_like or dask array, shape (N, d)
+        y : array_like, shape (N,) or (N, K)
+
+        Returns
+        -------
+        self
+        """
+        t0 = time.perf_counter()
+        p = self._check_params()
+        X = check_X(X, min_samples=2)
+        Y, Ysample = self._targets(y, X.shape[0])
+        self.n_features_in_ = X.shape[1]
+        self.seed_ = p["seed"]
+        dtype = np.dtype(self.feature_dtype)
+
+        layers = sample_layers(
+            X, Ysample, p["sizes"], activation=self.activation, sampler=self.sampler,
+            classification=self._task == "classification", seed=p["seed"],
+            replace=self.replace,
+        )
+        t1 = time.perf_counter()
+
+        M = layers[-1].width
+        rows = block_rows(M + 1, dtype, self.chunk_rows)
+        Xd = X.rechunk((rows, -1)) if isinstance(X, da.Array) else da.from_array(
+            X, chunks=(rows, -1))
+        if isinstance(X, da.Array) and (
+            len(set(Xd.chunks[0][:-1])) > 1 or Xd.chunks[0][-1] > Xd.chunks[0][0]
+        ):
+            Xd = Xd.rechunk((rows, -1))
+
+        store, temporary = self.store, False
+        if store is None:
+            if _remote_client() is not None:
+                store = "memory"
+            else:
+                store, temporary = storage.temporary_store_path(), True
+        info: dict = {"store": None if temporary else store}
+        try:
+            if store == "memory":
+                H = hidden_features(Xd, layers, dtype=dtype).persist()
+            else:
+                fp = storage.fingerprint_job(x=storage.fingerprint_array(X), layers=layers,
+                                             dtype=dtype.str, rows=rows)
+                H, info["blocks"] = storage.build_feature_store(Xd, layers, str(store),
+                                                                fingerprint=fp, dtype=dtype)
+            t2 = time.perf_counter()
+            A = add_bias_column(H)
+            opts = {"seed": p["seed"], **p["options"]}
+            res = solve(A, Y, method=self.solver, rcond=p["rcond"], alpha=p["alpha"], **opts)
+        finally:
+            if temporary:
+                storage.remove_store(store)
+        t3 = time.perf_counter()
+        sol = np.asarray(res.solution, dtype=np.float64)
+        self.layers_ = layers
+        self.coef_ = sol[:-1]
+        self.intercept_ = sol[-1]
+        self.solve_result_ = res
+        self.timings_ = {"sample": t1 - t0, "features": t2 - t1, "solve": t3 - t2,
+                         "total": t3 - t0}
+        self.fit_info_ = {**info, "solver": res.method, "rank": res.rank,
+                          "relative_residual": res.relative_residual,
+                          "iterations": res.iterations, **res.info}
+        logger.info("fit %s: M=%d, solver %s, rank %s, relative residual %.3e, %.2fs",
+                    type(self).__name__, M, res.method, res.rank, res.relative_residual,
+                    t3 - t0)
+        return self
+
+    # ------------------------------------------------------------------ prediction
+    def _check_fitted(self):
+        if not hasattr(self, "coef_"):
+            raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet. Call "
+                                 "'fit' with appropriate arguments before using this estimator.")
+
+    def _raw_output(self, X):
+        """Output-layer values (N, K): numpy for numpy input, lazy dask for dask input."""
+        self._check_fitted()
+        X = check_X(X, check_finite=not isinstance(X, da.Array))
+        if X.shape[1] != self.n_features_in_:
+            raise ValidationError(f"X has {X.shape[1]} features, but {type(self).__name__} is "
+                                  f"expecting {self.n_features_in_} features as input.")
+        coef = self.coef_.reshape(self.coef_.shape[0], -1)
+        intercept = np.atleast_1d(self.intercept_)
+        if isinstance(X, da.Array):
+            if len(X.chunks[1]) != 1:
+                X = X.rechunk({1: -1})
+            params = dask.delayed((self.layers_, coef, intercept), pure=True)
+
+            def block(x, prm):
+                return _forward_numpy(x, *prm)
+
+            return X.map_blocks(block, params, chunks=(X.chunks[0], (coef.shape[1],)),
+                                dtype=np.float64, meta=np.empty((0, 0)))
+        return _forward_numpy(X, self.layers_, coef, intercept)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str) -> str:
+        """Write the fitted model to ``path`` (one .npz file of arrays + JSON), atomically."""
+        self._check_fitted()
+        arrays = {"coef": self.coef_, "intercept": np.atleast_1d(self.intercept_)}
+        for i, layer in enumerate(self.layers_):
+            arrays[f"W{i}"] = layer.weights
+            arrays[f"b{i}"] = layer.biases
+        if hasattr(self, "classes_"):
+            classes = np.asarray(self.classes_)
+            if classes.dtype == object:
+                classes = classes.astype(str)
+            arrays["classes"] = classes
+        params = self.get_params()
+        params["hidden_layer_sizes"] = list(check_hidden_layer_sizes(params["hidden_layer_sizes"]))
+        if params["random_state"] is not None and not isinstance(params["random_state"], int):
+            params["random_state"] = self.seed_
+        meta = {
+            "format": storage.MODEL_FORMAT, "version": storage.MODEL_VERSION,
+            "estimator": type(self).__name__, "params": params,
+            "activations": [layer.activation for layer in self.layers_],
+            "n_features_in": int(self.n_features_in_), "seed": int(self.seed_),
+            "y_ndim": int(getattr(self, "_y_ndim", 1)),
+            "fit_info": {k: v for k, v in self.fit_info_.items()
+                         if isinstance(v, str | int | float | bool | type(None))},
+        }
+        storage.save_arrays(str(path), arrays, meta)
+        return str(path)
+
+
+class SWIMRegressor(_SWIMBase):
+    """A sampled (SWIM) fully connected network for regression.
+
+    Parameters
+    ----------
+    hidden_layer_sizes : tuple of int, default (100,)
+        Neurons per hidden layer.
+    activation : {"tanh", "relu"}
+    sampler : {"swim", "uniform", "random"}
+        "swim" draws pairs with probability proportional to |dy|/|dx|; "uniform" draws
+        pairs uniformly; "random" draws Gaussian weights and uniform biases (ELM baseline).
+    solver : str
+        A key of :data:`swimdist.lstsq.SOLVERS` ("auto" chooses).
+    rcond : float
+        Relative singular-value cutoff of the output-layer least-squares solve.
+    alpha : float
+        Tikhonov damping of the output layer (0: none).
+    random_state : int or None
+    chunk_rows : int or None
+        Rows per feature block (default from ``swimdist.chunk-rows`` and the block budget).
+    store : None, "memory", or a path / fsspec URL
+        Where the feature matrix lives: None = a temporary local Zarr store deleted after
+        ``fit``; a path keeps a resumable store there.
+    feature_dtype : {"float64", "float32"}
+    replace : bool
+        Draw neuron pairs with replacement (the reference) or distinct pairs.
+    solver_options : dict or None
+        Extra keyword arguments for the solver (e.g. ``{"tol": 1e-10}``).
+    """
+
+    _task = "regression"
+
+    def _targets(self, y, n):
+        y = check_y(y, n)
+        self._y_ndim = y.ndim
+        Y = y.reshape(n, -1)
+        return Y, Y
+
+    def predict(self, X):
+        """Predicted targets, shape (N,) or (N, K); lazy for dask input."""
+        out = self._raw_output(X)
+        return out[:, 0] if getattr(self, "_y_ndim", 1) == 1 else out
+
+    def score(self, X, y) -> float:
+        """Coefficient of determination R^2 of the prediction."""
+        pred = np.asarray(self.predict(X))
+        y = check_y(y, pred.shape[0]).reshape(pred.shape)
+        ss_res = np.sum((y - pred) ** 2, axis=0)
+        ss_tot = np.sum((y - y.mean(axis=0)) ** 2, axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r2 = np.where(ss_tot > 0, 1 - ss_res / ss_tot, np.where(ss_res == 0, 1.0, 0.0))
+        return float(np.mean(r2))
+
+
+class SWIMClassifier(_SWIMBase):
+    """A sampled (SWIM) fully connected network for classification.
+
+    Same parameters as :class:`SWIMRegressor`. Two classes are fitted with one output of
+    targets -1/+1 (like ``RidgeClassifier``); more classes with one-hot targets. Pairs are
+    sampled with "gradient" 1 where their labels differ.
+    """
+
+    _task = "classification"
+
+    def _targets(self, y, n):
+        y = check_y(y, n, numeric=False)
+        if y.ndim == 2:
+            if y.shape[1] != 1:
+                raise ValidationError(f"SWIMClassifier takes 1-D class labels; got y of shape "
+                                      f"{y.shape}.")
+            y = y[:, 0]
+        if y.dtype.kind == "f" and not np.isfinite(y).all():
+            raise ValidationError("Input y contains NaN or infinity.")
+        if y.dtype.kind == "c":
+            raise ValidationError(f"y has complex dtype {y.dtype}; class labels must be "
+                                  "numbers or strings.")
+        try:
+            classes, idx = np.unique(y, return_inverse=True)
+        except TypeError:
+            raise ValidationError("y mixes label types that cannot be ordered (e.g. str and "
+                                  "int); use one type.") from None
+        if len(classes) < 2:
+            raise ValidationError(f"SWIMClassifier needs samples of at least 2 classes; only "
+                                  f"one class ({classes[0]!r}) is present.")
+        self.classes_ = classes
+        K = len(classes)
+        if K == 2:
+            Y = (2.0 * idx - 1.0)[:, None]
+        else:
+            Y = np.zeros((n, K))
+            Y[np.arange(n), idx] = 1.0
+        return Y, idx[:, None]
+
+    def decision_function(self, X):
+        """Class scores: shape (N,) for two classes (positive: ``classes_[1]``), else (N, K)."""
+        out = self._raw_output(X)
+        return out[:, 0] if len(self.classes_) == 2 else out
+
+    def predict(self, X):
+        """Predicted class labels; lazy for dask input."""
+        scores = self.decision_function(X)
+        if len(self.classes_) == 2:
+            idx = (scores > 0).astype(np.intp)
+        else:
+            idx = scores.argmax(axis=1)
+        if isinstance(idx, da.Array):
+            return idx.map_blocks(lambda i: self.classes_[i], dtype=self.classes_.dtype)
+        return self.classes_[idx]
+
+    def score(self, X, y) -> float:
+        """Mean accuracy."""
+        pred = np.asarray(self.predict(X))
+        y = check_y(y, pred.shape[0], numeric=False).reshape(pred.shape)
+        return float(np.mean(pred == y))
+
+
+ESTIMATORS = {"SWIMRegressor": SWIMRegressor, "SWIMClassifier": SWIMClassifier}
+
+
+def load_model(path: str):
+    """Load a model saved by ``save``; data only (arrays + JSON), nothing is unpickled."""
+    arrays, meta = storage.load_arrays(str(path))
+    cls = ESTIMATORS.get(meta.get("estimator"))
+    if cls is None:
+        from .exceptions import StoreError
+
+        raise StoreError(f"{path!r} holds an unknown estimator {meta.get('estimator')!r}.")
+    params = dict(meta["params"])
+    params["hidden_layer_sizes"] = tuple(params["hidden_layer_sizes"])
+    valid = set(cls._get_param_names())
+    est = cls(**{k: v for k, v in params.items() if k in valid})
+    try:
+        n_layers = len(meta["activations"])
+        est.layers_ = [Layer(arrays[f"W{i}"], arrays[f"b{i}"], meta["activations"][i])
+                       for i in range(n_layers)]
+        est.coef_ = arrays["coef"]
+        est.intercept_ = arrays["intercept"]
+        if "classes" in arrays:
+            est.classes_ = arrays["classes"]
+    except KeyError as exc:
+        from .exceptions import StoreError
+
+        raise StoreError(f"Model file {path!r} is incomplete: missing array {exc}.") from None
+    est.n_features_in_ = int(meta["n_features_in"])
+    est.seed_ = int(meta["seed"])
+    est._y_ndim = int(meta.get("y_ndim", 1))
+    est.fit_info_ = dict(meta.get("fit_info", {}))
+    return est

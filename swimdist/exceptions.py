@@ -1,0 +1,39 @@
+"""Exceptions and warnings raised by swimdist.
+
+Every error subclasses both :class:`SwimdistError` and the matching builtin
+(``ValueError``, ``OSError``...), so callers that catch builtins keep working.
+"""
+
+from __future__ import annotations
+
+
+class SwimdistError(Exception):
+    """Base class of every error swimdist raises on purpose."""
+
+
+class ValidationError(SwimdistError, ValueError):
+    """Input data or parameters are not acceptable (shape, dtype, NaN/inf, empty...)."""
+
+
+class NotFittedError(SwimdistError, ValueError, AttributeError):
+    """An estimator was used before ``fit``."""
+
+
+class ChunkingError(SwimdistError, ValueError):
+    """A dask array is chunked in a way the operation cannot use."""
+
+
+class StoreError(SwimdistError, OSError):
+    """A feature store or model file is missing, foreign, corrupt or locked."""
+
+
+class SchedulerError(SwimdistError, OSError):
+    """A Dask scheduler could not be reached or was lost."""
+
+
+class JobSpecError(SwimdistError, ValueError):
+    """A training-job specification is invalid."""
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative solver stopped at its iteration limit before its tolerance."""

@@ -1,0 +1,166 @@
+"""SWIM pair sampling: draw candidate index pairs, gather only those rows, pairs -> (W, b).
+
+Randomness contract: layer ``l`` of a fit with seed ``s`` draws from
+``numpy.random.default_rng(s)`` for ``l = 0`` (the reference implementation's stream, so a
+one-layer network with the same seed samples the same pairs as ``swimnetworks.Dense``) and
+``default_rng([s, l])`` for deeper layers. Nothing depends on chunking or worker count.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import dask.array as da
+import numpy as np
+
+from .activations import get_activation
+from .exceptions import ValidationError
+
+logger = logging.getLogger("swimdist.sampling")
+
+SAMPLERS = ("swim", "uniform", "random")
+
+#: Distances below this count as this (the reference's ``dist_min``).
+DIST_MIN = 1e-10
+
+
+@dataclass
+class Layer:
+    """One hidden layer: ``sigma(Z @ weights + biases)``.
+
+    ``idx_from`` / ``idx_to`` are the data pairs the neurons came from (None for "random").
+    """
+
+    weights: np.ndarray  # (d_in, M)
+    biases: np.ndarray  # (M,)
+    activation: str
+    idx_from: np.ndarray | None = None
+    idx_to: np.ndarray | None = None
+
+    @property
+    def width(self) -> int:
+        return self.weights.shape[1]
+
+    def apply(self, Z: np.ndarray) -> np.ndarray:
+        """``sigma(Z W + b)`` for an in-memory block ``Z``."""
+        return get_activation(self.activation).fn(Z @ self.weights + self.biases)
+
+
+def layer_rng(seed: int, layer: int) -> np.random.Generator:
+    """The generator of layer ``layer`` (see the module's randomness contract)."""
+    return np.random.default_rng(seed if layer == 0 else [seed, layer])
+
+
+def draw_candidates(n: int, n_candidates: int, rng: np.random.Generator):
+    """Candidate pairs ``(i, j)``, ``i`` uniform, ``j = (i + U{1..n-1}) mod n`` (never ``i``)."""
+    idx_from = rng.integers(low=0, high=n, size=n_candidates)
+    delta = rng.integers(low=1, high=n, size=n_candidates)
+    return idx_from, (idx_from + delta) % n
+
+
+def pairs_to_weights(z_from: np.ndarray, z_to: np.ndarray, activation: str):
+    """Weights and biases of the neurons defined by the rows pairs ``(z_from[k], z_to[k])``.
+
+    ``w = weight_scale * dz / dist**2``, ``b = -<w, z_from> - bias_shift`` with
+    ``dist = max(|dz|, 1e-10)``; computed in the reference's operation order.
+    """
+    act = get_activation(activation)
+    dz = z_to - z_from
+    dist = np.maximum(np.linalg.norm(dz, axis=1, keepdims=True), DIST_MIN)
+    directions = dz / dist
+    weights = (act.weight_scale * directions / dist).T
+    biases = -np.sum(z_from * weights.T, axis=-1) - act.bias_shift
+    return weights, biases
+
+
+def pair_probabilities(dy: np.ndarray | None, dist: np.ndarray, sampler: str) -> np.ndarray:
+    """Probability of each candidate: ``max_k |dy_k| / dist``, uniform if all ~0."""
+    n = dist.shape[0]
+    if sampler == "uniform" or dy is None:
+        return np.full(n, 1.0 / n)
+    grad = np.max(np.abs(dy), axis=1) / dist
+    total = grad.sum()
+    if total < DIST_MIN:
+        return np.full(n, 1.0 / n)
+    return grad / total
+
+
+def _gather_rows(X, idx: np.ndarray) -> np.ndarray:
+    """Rows ``X[idx]`` (``idx`` sorted unique) as float64 numpy; reads only those rows."""
+    if isinstance(X, da.Array):
+        return np.asarray(X[idx].compute(), dtype=np.float64)
+    return np.asarray(X[idx], dtype=np.float64)
+
+
+def sample_layers(X, Y: np.ndarray | None, hidden_layer_sizes, *, activation: str = "tanh",
+                  sampler: str = "swim", classification: bool = False, seed: int = 0,
+                  replace: bool = True, max_candidates: int = 1_000_000) -> list[Layer]:
+    """Sample every hidden layer of a SWIM network.
+
+    Parameters
+    ----------
+    X : ndarray or dask array, shape (N, d)
+        Inputs; only the rows of drawn candidate pairs are ever read.
+    Y : ndarray, shape (N, K)
+        Targets (regression) or class indices/one-hot (classification); for classification
+        a pair's "gradient" is 1 where its labels differ (pass labels as shape (N, 1)).
+    hidden_layer_sizes : sequence of int
+    activation, sampler : str
+        See :data:`swimdist.activations.ACTIVATIONS` and :data:`SAMPLERS`.
+    seed : int
+    replace : bool
+        True draws pairs with replacement (the reference: wide layers repeat neurons);
+        False draws distinct pairs (no duplicate neurons).
+    max_candidates : int
+        Cap on the candidate pool (``N * max(1, ceil(M / N))`` pairs otherwise).
+    """
+    if sampler not in SAMPLERS:
+        raise ValidationError(f"Unknown sampler {sampler!r}; valid samplers are: "
+                              f"{', '.join(SAMPLERS)}.")
+    get_activation(activation)
+    n = X.shape[0]
+    layers: list[Layer] = []
+    for li, width in enumerate(hidden_layer_sizes):
+        rng = layer_rng(seed, li)
+        d_in = X.shape[1] if li == 0 else layers[-1].width
+        if sampler == "random":
+            # The random-feature / ELM baseline, drawn as the reference does.
+            W = rng.normal(loc=0, scale=1, size=(width, d_in)).T
+            b = rng.uniform(low=-np.pi, high=np.pi, size=(width, 1)).T[0]
+            layers.append(Layer(W, b, activation))
+            continue
+        n_cand = n * max(1, int(np.ceil(width / n)))
+        n_cand = min(n_cand, max(max_candidates, width if not replace else 1))
+        i_from, i_to = draw_candidates(n, n_cand, rng)
+        if not replace:
+            # Distinct pairs: drop repeated candidates before drawing without replacement.
+            _, first = np.unique(i_from.astype(np.int64) * n + i_to, return_index=True)
+            first.sort()
+            i_from, i_to = i_from[first], i_to[first]
+        rows = np.unique(np.concatenate([i_from, i_to]))
+        Z = _gather_rows(X, rows)
+        for prev in layers:
+            Z = prev.apply(Z)
+        pos_from = np.searchsorted(rows, i_from)
+        pos_to = np.searchsorted(rows, i_to)
+        dz = Z[pos_to] - Z[pos_from]
+        dist = np.maximum(np.linalg.norm(dz, axis=1), DIST_MIN)
+        del dz
+        dy = None
+        if Y is not None:
+            if classification:
+                dy = (Y[i_to] != Y[i_from]).any(axis=1, keepdims=True).astype(np.float64)
+            else:
+                dy = Y[i_to] - Y[i_from]
+        p = pair_probabilities(dy, dist, sampler)
+        if not replace and np.count_nonzero(p) < width:
+            raise ValidationError(
+                f"Cannot draw {width} distinct neurons: only {np.count_nonzero(p)} candidate "
+                "pairs have nonzero probability. Use replace=True or fewer neurons."
+            )
+        sel = rng.choice(dist.shape[0], size=width, replace=replace, p=p)
+        W, b = pairs_to_weights(Z[pos_from[sel]], Z[pos_to[sel]], activation)
+        layers.append(Layer(W, b, activation, i_from[sel], i_to[sel]))
+        logger.info("layer %d: %d neurons from %d candidate pairs", li, width, n_cand)
+    return layers

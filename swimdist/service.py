@@ -1,0 +1,355 @@
+"""A training job: spec -> validate -> fit on a Client -> artifacts + status.
+
+A job spec is a YAML mapping (see ``DEFAULT_SPEC``); values come, in increasing priority,
+from the defaults, the spec file, ``DASK_SWIMDIST__JOB__<SECTION>__<KEY>`` environment
+variables (dask.config key ``swimdist.job``) and explicit overrides (command-line flags).
+While the job runs it keeps ``<output>/status.json`` up to date (phase, progress, metrics,
+error); the model goes to ``<output>/model.npz`` and the metrics to ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import yaml
+
+from . import config, datasets, storage
+from .exceptions import JobSpecError, SwimdistError
+
+logger = logging.getLogger("swimdist.service")
+
+DEFAULT_SPEC: dict[str, Any] = {
+    "version": 1,
+    "data": {
+        "dataset": "sine",  # sine | mnist | file
+        "n_train": 5000,  # sine
+        "n_test": 1000,  # sine
+        "sine_alpha": 1.0,  # sine: f(x, y) = sin(sine_alpha (x + y))
+        "data_dir": None,  # mnist
+        "download": False,  # mnist: download missing files (sha256-checked)
+        "path": None,  # file: .npy/.npz/.h5/.zarr (training data)
+        "x_key": "X",
+        "y_key": "y",
+        "test_path": None,  # file: optional held-out data (same keys)
+        "task": None,  # file: regression | classification
+    },
+    "model": {
+        "hidden_layer_sizes": [1000],
+        "activation": "tanh",
+        "sampler": "swim",
+        "solver": "auto",
+        "rcond": 1e-10,
+        "alpha": 0.0,
+        "random_state": 0,
+        "chunk_rows": None,
+        "feature_dtype": "float64",
+        "replace": True,
+        "solver_options": {},
+    },
+    "store": None,
+    "output": "swimdist-output",
+    "cluster": {
+        "scheduler": None,
+        "n_workers": None,
+        "threads_per_worker": None,
+        "memory_limit": None,
+    },
+}
+
+_TYPES: dict[str, tuple] = {
+    "version": (int,),
+    "data.dataset": (str,), "data.n_train": (int,), "data.n_test": (int,),
+    "data.sine_alpha": (int, float), "data.data_dir": (str, type(None)),
+    "data.download": (bool,), "data.path": (str, type(None)), "data.x_key": (str,),
+    "data.y_key": (str,), "data.test_path": (str, type(None)), "data.task": (str, type(None)),
+    "model.hidden_layer_sizes": (list, int), "model.activation": (str,), "model.sampler": (str,),
+    "model.solver": (str,), "model.rcond": (int, float), "model.alpha": (int, float),
+    "model.random_state": (int, type(None)), "model.chunk_rows": (int, type(None)),
+    "model.feature_dtype": (str,), "model.replace": (bool,), "model.solver_options": (dict,),
+    "store": (str, type(None)), "output": (str,),
+    "cluster.scheduler": (str, type(None)), "cluster.n_workers": (int, type(None)),
+    "cluster.threads_per_worker": (int, type(None)), "cluster.memory_limit": (str, int, type(None)),
+}
+
+
+def _merge(base: dict, over: dict, prefix: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        key = f"{prefix}{k}"
+        if k not in base:
+            valid = ", ".join(f"{prefix}{x}" for x in base)
+            raise JobSpecError(f"Unknown job-spec key {key!r}; valid keys here: {valid}.")
+        if isinstance(base[k], dict) and key != "model.solver_options":
+            if not isinstance(v, dict):
+                raise JobSpecError(f"Job-spec key {key!r} must be a mapping; got {v!r}.")
+            out[k] = _merge(base[k], v, f"{key}.")
+        else:
+            out[k] = v
+    return out
+
+
+def _check_types(spec: dict, prefix: str = "") -> None:
+    for k, v in spec.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key != "model.solver_options":
+            _check_types(v, f"{key}.")
+            continue
+        types = _TYPES.get(key)
+        if types and not (isinstance(v, types) and not (isinstance(v, bool) and bool not in types
+                                                       and int in types)):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise JobSpecError(f"Job-spec key {key!r} must be {names}; got {v!r}.")
+
+
+def load_spec(path: str | None = None, overrides: dict | None = None) -> dict:
+    """Build and validate a job spec from defaults, a YAML file, the environment, overrides.
+
+    Raises :class:`JobSpecError` naming the offending key.
+    """
+    spec = copy.deepcopy(DEFAULT_SPEC)
+    if path:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise JobSpecError(f"Job spec file {path!r} does not exist.") from None
+        except yaml.YAMLError as exc:
+            raise JobSpecError(f"Job spec {path!r} is not valid YAML: {exc}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise JobSpecError(f"Job spec {path!r} must be a YAML mapping, got "
+                               f"{type(data).__name__}.")
+        spec = _merge(spec, data)
+    env = config.get("job") or {}
+    if env:
+        spec = _merge(spec, _normalize_env(env))
+    if overrides:
+        spec = _merge(spec, overrides)
+    validate_spec(spec)
+    return spec
+
+
+def _normalize_env(d: dict) -> dict:
+    """dask.config turns ``DASK_SWIMDIST__JOB__MODEL__N_SPLITS`` keys into lower case and
+    may write ``-`` for ``_``; map them back to spec keys."""
+    out = {}
+    for k, v in d.items():
+        k = str(k).replace("-", "_")
+        out[k] = _normalize_env(v) if isinstance(v, dict) else v
+    return out
+
+
+def validate_spec(spec: dict) -> None:
+    """Check types and values of a merged spec; messages name the key."""
+    from .activations import ACTIVATIONS
+    from .lstsq import SOLVERS
+    from .sampling import SAMPLERS
+
+    _check_types(spec)
+    if spec["version"] != 1:
+        raise JobSpecError(f"Job-spec 'version' {spec['version']} is not supported (use 1).")
+    d, m = spec["data"], spec["model"]
+    if d["dataset"] not in ("sine", "mnist", "file"):
+        raise JobSpecError(f"data.dataset must be sine, mnist or file; got {d['dataset']!r}.")
+    if d["dataset"] == "file":
+        if not d["path"]:
+            raise JobSpecError("data.path is required when data.dataset is 'file'.")
+        if d["task"] not in ("regression", "classification"):
+            raise JobSpecError("data.task must be 'regression' or 'classification' for files.")
+    for key in ("n_train", "n_test"):
+        if d[key] < (2 if key == "n_train" else 0):
+            raise JobSpecError(f"data.{key} must be >= {2 if key == 'n_train' else 0}; "
+                               f"got {d[key]}.")
+    sizes = m["hidden_layer_sizes"]
+    sizes = [sizes] if isinstance(sizes, int) else sizes
+    if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
+                            for s in sizes):
+        raise JobSpecError(f"model.hidden_layer_sizes must be a list of integers >= 1; got "
+                           f"{m['hidden_layer_sizes']!r}.")
+    m["hidden_layer_sizes"] = list(sizes)
+    for key, valid in (("activation", ACTIVATIONS), ("sampler", SAMPLERS), ("solver", SOLVERS)):
+        if m[key] not in valid:
+            raise JobSpecError(f"model.{key} {m[key]!r} is unknown; valid: "
+                               f"{', '.join(sorted(valid))}.")
+    if m["feature_dtype"] not in ("float64", "float32"):
+        raise JobSpecError(f"model.feature_dtype must be float64 or float32; got "
+                           f"{m['feature_dtype']!r}.")
+    for key in ("rcond", "alpha"):
+        if not np.isfinite(m[key]) or m[key] < 0:
+            raise JobSpecError(f"model.{key} must be a finite number >= 0; got {m[key]!r}.")
+
+
+# --------------------------------------------------------------------------- artifacts
+def _join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name if storage.is_url(base) else os.path.join(base, name)
+
+
+def write_json(path: str, obj: dict) -> None:
+    """Write JSON atomically (local: temp file + rename; fsspec URL: one object)."""
+    text = json.dumps(obj, indent=2, default=_json_default)
+    if storage.is_url(path):
+        import fsspec
+
+        with fsspec.open(path, "w") as f:
+            f.write(text)
+        return
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+class StatusRecord:
+    """``status.json`` next to a job's output: phase, progress, metrics, error."""
+
+    PHASES = ("starting", "connecting", "loading", "fitting", "evaluating", "saving", "done")
+
+    def __init__(self, output: str):
+        self.path = _join(output, "status.json")
+        now = _now()
+        self.data: dict[str, Any] = {"phase": "starting", "progress": 0.0, "metrics": {},
+                                     "error": None, "model": None, "started": now,
+                                     "updated": now, "pid": os.getpid()}
+        self.write()
+
+    def update(self, **kw) -> None:
+        self.data.update(kw)
+        if "phase" in kw and kw["phase"] in self.PHASES:
+            self.data.setdefault("progress", 0.0)
+            self.data["progress"] = max(self.data["progress"],
+                                        self.PHASES.index(kw["phase"]) / (len(self.PHASES) - 1))
+        self.data["updated"] = _now()
+        self.write()
+
+    def write(self) -> None:
+        write_json(self.path, self.data)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- the job
+def load_data(data: dict, *, seed: int = 0):
+    """``(X, y, X_test, y_test, task)`` for a spec's ``data`` section (test may be None)."""
+    ds = data["dataset"]
+    if ds == "sine":
+        X, y = datasets.sine(data["n_train"], alpha=data["sine_alpha"], seed=seed)
+        Xt, yt = (datasets.sine(data["n_test"], alpha=data["sine_alpha"], seed=seed + 1)
+                  if data["n_test"] else (None, None))
+        return X, y, Xt, yt, "regression"
+    if ds == "mnist":
+        X, y, Xt, yt = datasets.load_mnist(data["data_dir"], download=data["download"])
+        return X, y, Xt, yt, "classification"
+    X = storage.load_array(data["path"], data["x_key"])
+    y = np.asarray(storage.load_array(data["path"], data["y_key"]))
+    Xt = yt = None
+    if data["test_path"]:
+        Xt = storage.load_array(data["test_path"], data["x_key"])
+        yt = np.asarray(storage.load_array(data["test_path"], data["y_key"]))
+    return X, y, Xt, yt, data["task"]
+
+
+def make_estimator(model: dict, task: str, store: str | None):
+    """The estimator a spec's ``model`` section describes."""
+    from .estimators import SWIMClassifier, SWIMRegressor
+
+    cls = SWIMClassifier if task == "classification" else SWIMRegressor
+    kw = dict(model)
+    kw["hidden_layer_sizes"] = tuple(kw["hidden_layer_sizes"])
+    return cls(store=store, **kw)
+
+
+def evaluate(est, X, y, task: str) -> dict:
+    """Metrics of a fitted estimator on ``(X, y)``."""
+    pred = np.asarray(est.predict(X))
+    y = np.asarray(y)
+    if task == "classification":
+        return {"error_pct": float(100.0 * np.mean(pred != y.reshape(pred.shape))),
+                "n": int(len(y))}
+    err = pred - y.reshape(pred.shape)
+    return {"mae": float(np.mean(np.abs(err))), "rmse": float(np.sqrt(np.mean(err**2))),
+            "n": int(len(y))}
+
+
+def run_job(spec: dict, *, performance_report: str | None = None, progress: bool = False) -> dict:
+    """Run a validated job spec end to end; returns the metrics dict.
+
+    The status record says ``done`` only after the model and metrics are written; on any
+    failure it says ``failed`` with the error, and the exception propagates.
+    """
+    from .cluster import connect
+
+    out = spec["output"]
+    if not storage.is_url(out):
+        os.makedirs(out, exist_ok=True)
+    status = StatusRecord(out)
+    client = cluster = None
+    t0 = time.perf_counter()
+    try:
+        status.update(phase="connecting")
+        c = spec["cluster"]
+        client, cluster = connect(c["scheduler"], n_workers=c["n_workers"],
+                                  threads_per_worker=c["threads_per_worker"],
+                                  memory_limit=c["memory_limit"])
+        status.update(phase="loading", dashboard=client.dashboard_link,
+                      scheduler=client.scheduler.address)
+        X, y, Xt, yt, task = load_data(spec["data"], seed=int(spec["model"]["random_state"] or 0))
+        est = make_estimator(spec["model"], task, spec["store"])
+        status.update(phase="fitting", task=task, n_train=int(X.shape[0]))
+        report = (_performance_report(performance_report) if performance_report
+                  else contextlib.nullcontext())
+        with report:
+            est.fit(X, y)
+        status.update(phase="evaluating", fit_info=est.fit_info_, timings=est.timings_)
+        metrics = {"train": evaluate(est, X, y, task), "timings": est.timings_,
+                   "solver": est.fit_info_.get("solver"),
+                   "relative_residual": est.fit_info_.get("relative_residual"),
+                   "rank": est.fit_info_.get("rank")}
+        if Xt is not None:
+            metrics["test"] = evaluate(est, Xt, yt, task)
+        status.update(phase="saving", metrics=metrics)
+        model_path = _join(out, "model.npz")
+        est.save(model_path)
+        metrics["wall_time"] = time.perf_counter() - t0
+        write_json(_join(out, "metrics.json"), metrics)
+        status.update(phase="done", progress=1.0, model=model_path, metrics=metrics)
+        return metrics
+    except BaseException as exc:
+        msg = str(exc) if isinstance(exc, SwimdistError) else f"{type(exc).__name__}: {exc}"
+        with contextlib.suppress(Exception):
+            status.update(phase="failed", error=msg)
+        raise
+    finally:
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+        if cluster is not None:
+            with contextlib.suppress(Exception):
+                cluster.close()
+
+
+def _performance_report(path: str):
+    from distributed import performance_report
+
+    return performance_report(filename=path)
