@@ -250,7 +250,11 @@ def _describe(path: str) -> None:
 def config_cmd(key) -> None:
     """Print swimdist's settings (all, or KEY such as cluster.memory-limit)."""
     if key:
-        click.echo(yaml.safe_dump(config.get(key), default_flow_style=False).strip())
+        value = config.get(key)
+        if isinstance(value, dict | list):
+            click.echo(yaml.safe_dump(value, default_flow_style=False).strip())
+        else:
+            click.echo("null" if value is None else str(value))
     else:
         click.echo(yaml.safe_dump({"swimdist": dask.config.get("swimdist")},
                                   sort_keys=False).strip())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+import warnings
 
 import dask
 import dask.array as da
@@ -21,7 +22,7 @@ import numpy as np
 
 from . import storage
 from .activations import get_activation
-from .exceptions import NotFittedError, ValidationError
+from .exceptions import DataConversionWarning, NotFittedError, ValidationError
 from .features import add_bias_column, block_rows, hidden_features
 from .lstsq import get_solver, solve
 from .sampling import SAMPLERS, Layer, sample_layers
@@ -207,7 +208,10 @@ class _SWIMBase:
                 store, temporary = storage.temporary_store_path(), True
         info: dict = {"store": None if temporary else store}
         try:
-            if store == "memory":
+            if self.solver == "split":
+                # Lazy, never computed whole: split-and-solve builds one neuron block at a time.
+                H = hidden_features(Xd, layers, dtype=dtype)
+            elif store == "memory":
                 H = hidden_features(Xd, layers, dtype=dtype).persist()
             else:
                 fp = storage.fingerprint_job(x=storage.fingerprint_array(X), layers=layers,
@@ -217,6 +221,11 @@ class _SWIMBase:
             t2 = time.perf_counter()
             A = add_bias_column(H)
             opts = {"seed": p["seed"], **p["options"]}
+            if self.solver == "split":
+                opts.update(intercept=True,
+                            column_norms=np.linalg.norm(layers[-1].weights, axis=0),
+                            block_features=lambda cols: hidden_features(Xd, layers, columns=cols,
+                                                                        dtype=dtype))
             res = solve(A, Y, method=self.solver, rcond=p["rcond"], alpha=p["alpha"], **opts)
         finally:
             if temporary:
@@ -227,6 +236,10 @@ class _SWIMBase:
         self.coef_ = sol[:-1]
         self.intercept_ = sol[-1]
         self.solve_result_ = res
+        if "neuron_order" in res.info:  # split-and-solve: the solution is in column order
+            self.neuron_order_ = np.asarray(res.info["neuron_order"])
+        elif hasattr(self, "neuron_order_"):
+            del self.neuron_order_
         self.timings_ = {"sample": t1 - t0, "features": t2 - t1, "solve": t3 - t2,
                          "total": t3 - t0}
         self.fit_info_ = {**info, "solver": res.method, "rank": res.rank,
@@ -269,6 +282,8 @@ class _SWIMBase:
         """Write the fitted model to ``path`` (one .npz file of arrays + JSON), atomically."""
         self._check_fitted()
         arrays = {"coef": self.coef_, "intercept": np.atleast_1d(self.intercept_)}
+        if hasattr(self, "neuron_order_"):
+            arrays["neuron_order"] = self.neuron_order_
         for i, layer in enumerate(self.layers_):
             arrays[f"W{i}"] = layer.weights
             arrays[f"b{i}"] = layer.biases
@@ -364,7 +379,12 @@ class SWIMClassifier(_SWIMBase):
             if y.shape[1] != 1:
                 raise ValidationError(f"SWIMClassifier takes 1-D class labels; got y of shape "
                                       f"{y.shape}.")
+            warnings.warn("A column-vector y was passed when a 1d array was expected; it was "
+                          "raveled to shape (n_samples,).", DataConversionWarning, stacklevel=3)
             y = y[:, 0]
+        if y.dtype.kind == "f" and np.isfinite(y).all() and np.any(y != np.round(y)):
+            raise ValidationError("Unknown label type: 'continuous'. SWIMClassifier needs class "
+                                  "labels; use SWIMRegressor for continuous targets.")
         if y.dtype.kind == "f" and not np.isfinite(y).all():
             raise ValidationError("Input y contains NaN or infinity.")
         if y.dtype.kind == "c":
@@ -441,4 +461,7 @@ def load_model(path: str):
     est.seed_ = int(meta["seed"])
     est._y_ndim = int(meta.get("y_ndim", 1))
     est.fit_info_ = dict(meta.get("fit_info", {}))
+    if "neuron_order" in arrays:
+        est.neuron_order_ = arrays["neuron_order"]
+        est.fit_info_["neuron_order"] = est.neuron_order_
     return est

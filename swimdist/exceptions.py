@@ -15,6 +15,10 @@ class ValidationError(SwimdistError, ValueError):
     """Input data or parameters are not acceptable (shape, dtype, NaN/inf, empty...)."""
 
 
+class DTypeError(SwimdistError, TypeError):
+    """Input values cannot be read as numbers (object arrays holding other things)."""
+
+
 class NotFittedError(SwimdistError, ValueError, AttributeError):
     """An estimator was used before ``fit``."""
 
@@ -37,3 +41,7 @@ class JobSpecError(SwimdistError, ValueError):
 
 class ConvergenceWarning(UserWarning):
     """An iterative solver stopped at its iteration limit before its tolerance."""
+
+
+class DataConversionWarning(UserWarning):
+    """Input was converted to the expected shape (e.g. a column-vector y to 1-D)."""

@@ -15,6 +15,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from typing import Any
@@ -26,6 +27,21 @@ from . import config, datasets, storage
 from .exceptions import JobSpecError, SwimdistError
 
 logger = logging.getLogger("swimdist.service")
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """SafeLoader that also reads YAML 1.2 floats without a dot, such as ``1e-08``.
+
+    PyYAML follows YAML 1.1, where ``1e-08`` is a string; Helm's ``toYaml`` (the chart's
+    job-spec ConfigMap) and many editors write small floats exactly that way.
+    """
+
+
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 DEFAULT_SPEC: dict[str, Any] = {
     "version": 1,
@@ -119,7 +135,7 @@ def load_spec(path: str | None = None, overrides: dict | None = None) -> dict:
     if path:
         try:
             with open(path) as f:
-                data = yaml.safe_load(f)
+                data = yaml.load(f, Loader=_SpecLoader)
         except FileNotFoundError:
             raise JobSpecError(f"Job spec file {path!r} does not exist.") from None
         except yaml.YAMLError as exc:

@@ -7,7 +7,7 @@ import numbers
 import dask.array as da
 import numpy as np
 
-from .exceptions import ValidationError
+from .exceptions import DTypeError, ValidationError
 
 
 def _describe(a) -> str:
@@ -23,6 +23,9 @@ def check_X(X, *, name: str = "X", min_samples: int = 1, check_finite: bool = Tr
     if X is None:
         raise ValidationError(f"{name} is None; pass a 2-D array of shape (n_samples, "
                               "n_features).")
+    if hasattr(X, "tocsr") or type(X).__module__.startswith("scipy.sparse"):
+        raise DTypeError(f"Sparse input is not supported for {name}: SWIM features are dense. "
+                         "Pass a dense array (X.toarray()).")
     if not isinstance(X, da.Array):
         if hasattr(X, "__array__") or isinstance(X, list | tuple):
             try:
@@ -44,15 +47,18 @@ def check_X(X, *, name: str = "X", min_samples: int = 1, check_finite: bool = Tr
                               f"of 1 is required for {name}.")
     dt = X.dtype
     if dt.kind == "c":
-        raise ValidationError(f"{name} has complex dtype {dt}; complex data is not supported.")
+        raise ValidationError(f"Complex data not supported: {name} has dtype {dt}.")
     if dt.kind not in "biuf":
         if isinstance(X, da.Array):
             raise ValidationError(f"{name} has dtype {dt}; need a numeric dtype.")
         try:
             X = X.astype(np.float64)
-        except (TypeError, ValueError):
-            raise ValidationError(f"{name} has dtype {dt} with non-numeric values; need numbers."
-                                  ) from None
+        except TypeError as exc:
+            raise DTypeError(f"{name} has dtype {dt} holding values that are not numbers: {exc}"
+                             ) from None
+        except ValueError as exc:
+            raise ValidationError(f"{name} has dtype {dt} holding values that are not numbers: "
+                                  f"{exc}") from None
     if dt.kind in "biu" or dt == np.float16:
         X = X.astype(np.float64)
     if check_finite:

@@ -1,0 +1,119 @@
+"""The command line and the job service: specs, status records, errors, exit codes."""
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from swimdist import load_model
+from swimdist.cli import main
+from swimdist.exceptions import JobSpecError
+from swimdist.service import load_spec
+
+
+def run_cli(*args, timeout=240, env=None):
+    return subprocess.run([sys.executable, "-m", "swimdist.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_train_embedded_cluster_writes_model_status_metrics(tmp_path):
+    out = tmp_path / "out"
+    report = tmp_path / "report.html"
+    r = run_cli("train", "--dataset", "sine", "--n-train", "800", "--n-test", "200",
+                "--hidden", "80", "--solver", "direct", "--n-workers", "1", "-o", str(out),
+                "--performance-report", str(report))
+    assert r.returncode == 0, r.stderr
+    assert "model written to" in r.stdout and "dashboard" in r.stderr
+    status = json.loads((out / "status.json").read_text())
+    assert status["phase"] == "done" and status["progress"] == 1.0 and status["error"] is None
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["mae"] < 1e-4
+    m = load_model(str(out / "model.npz"))
+    from swimdist.datasets import sine
+
+    Xt, yt = sine(200, alpha=1.0, seed=1)
+    assert np.abs(m.predict(Xt) - yt).mean() == pytest.approx(metrics["test"]["mae"])
+    assert report.stat().st_size > 1000
+    # evaluate and predict on the saved model
+    r = run_cli("evaluate", "--model", str(out / "model.npz"), "--dataset", "sine",
+                "--n-test", "200")
+    assert r.returncode == 0 and "mae" in r.stdout
+    np.save(tmp_path / "x.npy", Xt)
+    r = run_cli("predict", "--model", str(out / "model.npz"), "--input", str(tmp_path / "x.npy"),
+                "-o", str(tmp_path / "p.npy"))
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), m.predict(Xt))
+
+
+def test_unreachable_scheduler_fails_fast_with_status(tmp_path):
+    t0 = time.perf_counter()
+    r = run_cli("train", "--scheduler", "tcp://127.0.0.1:1", "--solver", "direct", "-o",
+                str(tmp_path / "o"),
+                env={**__import__("os").environ, "DASK_SWIMDIST__CLUSTER__CONNECT_TIMEOUT": "3"})
+    assert r.returncode == 1
+    assert time.perf_counter() - t0 < 60
+    assert "Could not reach the Dask scheduler at 'tcp://127.0.0.1:1'" in r.stderr
+    status = json.loads((tmp_path / "o" / "status.json").read_text())
+    assert status["phase"] == "failed" and "Could not reach" in status["error"]
+
+
+def test_config_file_flags_and_env_precedence(tmp_path, monkeypatch):
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({"model": {"hidden_layer_sizes": [50], "solver": "direct"},
+                                    "data": {"n_train": 300}}))
+    s = load_spec(str(spec))
+    assert s["model"]["hidden_layer_sizes"] == [50] and s["data"]["n_train"] == 300
+    monkeypatch.setenv("DASK_SWIMDIST__JOB__DATA__N_TRAIN", "400")
+    import dask.config
+
+    dask.config.refresh()
+    try:
+        assert load_spec(str(spec))["data"]["n_train"] == 400
+        assert load_spec(str(spec), {"data": {"n_train": 500}})["data"]["n_train"] == 500
+    finally:
+        monkeypatch.delenv("DASK_SWIMDIST__JOB__DATA__N_TRAIN")
+        dask.config.refresh()
+
+
+@pytest.mark.parametrize("content, msg", [
+    ({"model": {"solverr": "direct"}}, "Unknown job-spec key 'model.solverr'"),
+    ({"model": {"solver": "magic"}}, "model.solver 'magic' is unknown; valid: .*direct"),
+    ({"model": {"rcond": "small"}}, "'model.rcond' must be int or float"),
+    ({"model": {"hidden_layer_sizes": [0]}}, "hidden_layer_sizes must be a list of integers"),
+    ({"data": {"dataset": "cifar"}}, "data.dataset must be sine, mnist or file"),
+    ({"data": {"dataset": "file"}}, "data.path is required"),
+    ({"cluster": "local"}, "'cluster' must be a mapping"),
+    ({"version": 2}, "version' 2 is not supported"),
+])
+def test_bad_job_specs_name_the_key(tmp_path, content, msg):
+    p = tmp_path / "job.yaml"
+    p.write_text(yaml.safe_dump(content))
+    with pytest.raises(JobSpecError, match=msg):
+        load_spec(str(p))
+
+
+def test_cli_errors_exit_nonzero_with_message(tmp_path):
+    runner = CliRunner()
+    p = tmp_path / "job.yaml"
+    p.write_text("model: [unclosed")
+    r = runner.invoke(main, ["train", "--config", str(p)])
+    assert r.exit_code == 1 and "not valid YAML" in r.output
+    r = runner.invoke(main, ["train", "--hidden", "ten"])
+    assert r.exit_code == 1 and "--hidden must be integers" in r.output
+    r = runner.invoke(main, ["evaluate", "--model", str(tmp_path / "none.npz")])
+    assert r.exit_code == 1 and "No model file" in r.output
+
+
+def test_info_and_config_commands():
+    runner = CliRunner()
+    r = runner.invoke(main, ["info"])
+    assert r.exit_code == 0 and "solvers:" in r.output and "direct" in r.output
+    r = runner.invoke(main, ["config"])
+    assert r.exit_code == 0 and "chunk-rows" in r.output
+    r = runner.invoke(main, ["config", "cluster.blas-threads"])
+    assert r.exit_code == 0 and r.output.strip() == "1"
