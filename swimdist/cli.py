@@ -93,12 +93,17 @@ class _EchoHandler(logging.Handler):
 @click.option("--distinct/--with-replacement", "distinct", default=None,
               help="Draw distinct neuron pairs (no duplicate neurons).")
 @click.option("--store", default=None, help="Feature store path or fsspec URL (default: temporary).")
+@click.option("--store-format", type=click.Choice(["zarr", "npy"]), default=None,
+              help="Feature store format (npy: memory-mapped files, local disks).")
 @click.option("--output", "-o", default=None, help="Output directory (model, status, metrics).")
 @click.option("--scheduler", default=None,
               help="Scheduler address (default: DASK_SCHEDULER_ADDRESS or an embedded cluster).")
 @click.option("--n-workers", type=int, default=None, help="Embedded cluster: worker processes.")
 @click.option("--threads-per-worker", type=int, default=None)
 @click.option("--memory-limit", default=None, help="Embedded cluster: total memory, e.g. 6GB.")
+@click.option("--tls-ca-file", default=None, help="TLS: CA certificate (PEM).")
+@click.option("--tls-cert", default=None, help="TLS: client certificate (PEM).")
+@click.option("--tls-key", default=None, help="TLS: client private key (PEM).")
 @click.option("--performance-report", type=click.Path(dir_okay=False), default=None,
               help="Write a Dask performance report (HTML) of the fit.")
 def train(config_path, **kw) -> None:
@@ -126,11 +131,11 @@ def train(config_path, **kw) -> None:
             model[k] = kw[k]
     if model:
         over["model"] = model
-    clus = {k: kw[k] for k in ("scheduler", "n_workers", "threads_per_worker", "memory_limit")
-            if kw.get(k) is not None}
+    clus = {k: kw[k] for k in ("scheduler", "n_workers", "threads_per_worker", "memory_limit",
+                               "tls_ca_file", "tls_cert", "tls_key") if kw.get(k) is not None}
     if clus:
         over["cluster"] = clus
-    for k in ("store", "output"):
+    for k in ("store", "store_format", "output"):
         if kw.get(k) is not None:
             over[k] = kw[k]
     try:

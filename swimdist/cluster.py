@@ -97,6 +97,18 @@ def connect(address: str | None = None, *, n_workers: int | None = None,
     return client, cluster
 
 
+def tls_security(ca_file: str, cert: str, key: str):
+    """A distributed ``Security`` for a TLS cluster: this client presents ``cert``/``key``
+    and trusts servers signed by ``ca_file``; plain-TCP connections are refused."""
+    from distributed.security import Security
+
+    for name, path in (("CA file", ca_file), ("certificate", cert), ("key", key)):
+        if not os.path.exists(path):
+            raise ValidationError(f"TLS {name} {path!r} does not exist.")
+    return Security(tls_ca_file=ca_file, tls_client_cert=cert, tls_client_key=key,
+                    require_encryption=True)
+
+
 @contextlib.contextmanager
 def session(address: str | None = None, **kwargs):
     """Context manager yielding a connected Client; closes what it started."""

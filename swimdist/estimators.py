@@ -207,13 +207,18 @@ class _SWIMBase:
             else:
                 store, temporary = storage.temporary_store_path(), True
         info: dict = {"store": None if temporary else store}
+        lock = None
         try:
             if self.solver == "split":
                 # Lazy, never computed whole: split-and-solve builds one neuron block at a time.
+                # In-memory X goes to the workers once, not with every block's graph.
+                Xd = Xd if isinstance(X, da.Array) else Xd.persist()
                 H = hidden_features(Xd, layers, dtype=dtype)
             elif store == "memory":
                 H = hidden_features(Xd, layers, dtype=dtype).persist()
             else:
+                if not temporary:
+                    lock = storage.StoreLock(str(store)).acquire()
                 fp = storage.fingerprint_job(x=storage.fingerprint_array(X), layers=layers,
                                              dtype=dtype.str, rows=rows)
                 H, info["blocks"] = storage.build_feature_store(Xd, layers, str(store),
@@ -228,6 +233,8 @@ class _SWIMBase:
                                                                         dtype=dtype))
             res = solve(A, Y, method=self.solver, rcond=p["rcond"], alpha=p["alpha"], **opts)
         finally:
+            if lock is not None:
+                lock.release()
             if temporary:
                 storage.remove_store(store)
         t3 = time.perf_counter()

@@ -20,6 +20,7 @@ import tempfile
 import time
 from typing import Any
 
+import dask.config
 import numpy as np
 import yaml
 
@@ -72,12 +73,16 @@ DEFAULT_SPEC: dict[str, Any] = {
         "solver_options": {},
     },
     "store": None,
+    "store_format": "zarr",  # zarr | npy (memory-mapped, local directories only)
     "output": "swimdist-output",
     "cluster": {
         "scheduler": None,
         "n_workers": None,
         "threads_per_worker": None,
         "memory_limit": None,
+        "tls_ca_file": None,  # TLS (tls:// addresses): CA, client certificate and key
+        "tls_cert": None,
+        "tls_key": None,
     },
 }
 
@@ -91,7 +96,9 @@ _TYPES: dict[str, tuple] = {
     "model.solver": (str,), "model.rcond": (int, float), "model.alpha": (int, float),
     "model.random_state": (int, type(None)), "model.chunk_rows": (int, type(None)),
     "model.feature_dtype": (str,), "model.replace": (bool,), "model.solver_options": (dict,),
-    "store": (str, type(None)), "output": (str,),
+    "store": (str, type(None)), "store_format": (str,), "output": (str,),
+    "cluster.tls_ca_file": (str, type(None)), "cluster.tls_cert": (str, type(None)),
+    "cluster.tls_key": (str, type(None)),
     "cluster.scheduler": (str, type(None)), "cluster.n_workers": (int, type(None)),
     "cluster.threads_per_worker": (int, type(None)), "cluster.memory_limit": (str, int, type(None)),
 }
@@ -197,6 +204,13 @@ def validate_spec(spec: dict) -> None:
         if m[key] not in valid:
             raise JobSpecError(f"model.{key} {m[key]!r} is unknown; valid: "
                                f"{', '.join(sorted(valid))}.")
+    if spec["store_format"] not in ("zarr", "npy"):
+        raise JobSpecError(f"store_format must be zarr or npy; got {spec['store_format']!r}.")
+    c = spec["cluster"]
+    tls = [c["tls_ca_file"], c["tls_cert"], c["tls_key"]]
+    if any(tls) and not all(tls):
+        raise JobSpecError("cluster.tls_ca_file, cluster.tls_cert and cluster.tls_key go "
+                           "together: give all three or none.")
     if m["feature_dtype"] not in ("float64", "float32"):
         raise JobSpecError(f"model.feature_dtype must be float64 or float32; got "
                            f"{m['feature_dtype']!r}.")
@@ -325,9 +339,14 @@ def run_job(spec: dict, *, performance_report: str | None = None, progress: bool
     try:
         status.update(phase="connecting")
         c = spec["cluster"]
+        security = None
+        if c["tls_ca_file"]:
+            from .cluster import tls_security
+
+            security = tls_security(c["tls_ca_file"], c["tls_cert"], c["tls_key"])
         client, cluster = connect(c["scheduler"], n_workers=c["n_workers"],
                                   threads_per_worker=c["threads_per_worker"],
-                                  memory_limit=c["memory_limit"])
+                                  memory_limit=c["memory_limit"], security=security)
         status.update(phase="loading", dashboard=client.dashboard_link,
                       scheduler=client.scheduler.address)
         X, y, Xt, yt, task = load_data(spec["data"], seed=int(spec["model"]["random_state"] or 0))
@@ -335,7 +354,10 @@ def run_job(spec: dict, *, performance_report: str | None = None, progress: bool
         status.update(phase="fitting", task=task, n_train=int(X.shape[0]))
         report = (_performance_report(performance_report) if performance_report
                   else contextlib.nullcontext())
-        with report:
+        settings = {"swimdist.store-format": spec["store_format"]}
+        if c["memory_limit"] and not c["scheduler"]:
+            settings.update(memory_settings(c["memory_limit"], cluster))
+        with report, dask.config.set(settings):
             est.fit(X, y)
         status.update(phase="evaluating", fit_info=est.fit_info_, timings=est.timings_)
         metrics = {"train": evaluate(est, X, y, task), "timings": est.timings_,
@@ -363,6 +385,20 @@ def run_job(spec: dict, *, performance_report: str | None = None, progress: bool
         if cluster is not None:
             with contextlib.suppress(Exception):
                 cluster.close()
+
+
+def memory_settings(memory_limit, cluster) -> dict:
+    """dask.config settings that keep a fit within an embedded cluster's memory budget.
+
+    A worker holds a few feature blocks at a time (the one it generates or reads, the one it
+    writes or reduces, and its inputs), so one block gets an eighth of a worker's share.
+    """
+    from dask.utils import parse_bytes
+
+    total = parse_bytes(memory_limit) if isinstance(memory_limit, str) else int(memory_limit)
+    n_workers = max(1, len(getattr(cluster, "workers", {})) or 1)
+    return {"swimdist.max-block-bytes": max(total // n_workers // 8, 1 << 20),
+            "swimdist.memory-budget": total}
 
 
 def _performance_report(path: str):

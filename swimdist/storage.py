@@ -14,10 +14,13 @@ records the fingerprint of what produced it and refuses to serve a different job
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
+import sys
 import tempfile
 import zlib
 from typing import Any
@@ -77,73 +80,231 @@ def fingerprint_job(**parts: Any) -> str:
 
 
 # --------------------------------------------------------------------------- feature store
-def _existing_group(url: str):
-    """The swimdist group at ``url``, None if nothing is there; refuses foreign content."""
-    if not is_url(url):
-        p = _local(url)
-        if os.path.isfile(p):
-            raise StoreError(f"Store path {url!r} is a file, not a swimdist feature store; "
-                             "choose a new or empty directory.")
-        if not os.path.exists(p) or not os.listdir(p):
+STORE_FORMATS = ("zarr", "npy")
+
+
+class _ZarrBackend:
+    """Zarr v3 group: ``features`` (chunks = row blocks), ``block_crc``, attrs["swimdist"]."""
+
+    kind = "zarr"
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def meta(self) -> dict | None:
+        """The store's swimdist metadata, None if nothing is there; refuses foreign data."""
+        if not is_url(self.url):
+            p = _local(self.url)
+            if os.path.isfile(p):
+                raise StoreError(f"Store path {self.url!r} is a file, not a swimdist feature "
+                                 "store; choose a new or empty directory.")
+            if not os.path.exists(p) or not os.listdir(p):
+                return None
+        try:
+            grp = zarr.open_group(store=self.url, mode="r")
+        except Exception as exc:  # noqa: BLE001 - zarr raises several types for foreign data
+            if not is_url(self.url):
+                raise StoreError(
+                    f"{self.url!r} is not empty and is not a swimdist feature store "
+                    f"({type(exc).__name__}); it was left untouched. Choose a new or empty "
+                    "directory.") from None
             return None
-    try:
-        grp = zarr.open_group(store=url, mode="r")
-    except Exception as exc:  # noqa: BLE001 - zarr raises several types for foreign data
-        if not is_url(url):
-            raise StoreError(
-                f"{url!r} is not empty and is not a swimdist feature store "
-                f"({type(exc).__name__}); it was left untouched. Choose a new or empty "
-                "directory."
-            ) from None
-        return None
-    meta = grp.attrs.get("swimdist")
-    if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
-        raise StoreError(f"{url!r} holds a Zarr group that is not a swimdist feature store; "
-                         "it was left untouched. Choose a new or empty location.")
-    if int(meta.get("version", 0)) > STORE_VERSION:
-        raise StoreError(f"Feature store {url!r} has format version {meta.get('version')}, "
-                         f"newer than this swimdist understands ({STORE_VERSION}); upgrade.")
-    return grp
+        meta = grp.attrs.get("swimdist")
+        if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
+            raise StoreError(f"{self.url!r} holds a Zarr group that is not a swimdist feature "
+                             "store; it was left untouched. Choose a new or empty location.")
+        return dict(meta)
+
+    def create(self, shape, rows, n_blocks, dtype, meta) -> None:
+        if not is_url(self.url):
+            os.makedirs(_local(self.url), exist_ok=True)
+        grp = zarr.open_group(store=self.url, mode="w")
+        grp.create_array("features", shape=shape, chunks=(rows, shape[1]), dtype=dtype,
+                         compressors=None, fill_value=0)
+        grp.create_array("block_crc", shape=(n_blocks,), chunks=(1,), dtype="uint64",
+                         fill_value=0)
+        grp.attrs["swimdist"] = meta
+
+    def set_meta(self, meta: dict) -> None:
+        zarr.open_group(store=self.url, mode="r+").attrs["swimdist"] = meta
+
+    def crcs(self) -> np.ndarray:
+        return zarr.open_group(store=self.url, mode="r")["block_crc"][:]
+
+    def set_crc(self, i: int, value: int) -> None:
+        zarr.open_group(store=self.url, mode="r+")["block_crc"][i] = value
+
+    def read_rows(self, r0: int, r1: int) -> np.ndarray:
+        return zarr.open_group(store=self.url, mode="r")["features"][r0:r1, :]
+
+    def write_rows(self, r0: int, h: np.ndarray) -> None:
+        zarr.open_group(store=self.url, mode="r+")["features"][r0:r0 + h.shape[0], :] = h
+
+    def array(self, rows: int) -> da.Array:
+        arr = zarr.open_group(store=self.url, mode="r")["features"]
+        return da.from_zarr(arr, chunks=(rows, arr.shape[1]))
 
 
-def _write_block(x, params, columns, dtype, url, block_info=None):
-    """Generate one row block of features and write it and its checksum (one task)."""
+class _NpyRows:
+    """Picklable lazy row view of a .npy file, memory-mapped per read (worker-safe)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        m = np.load(path, mmap_mode="r")
+        self.shape, self.dtype, self.ndim = m.shape, m.dtype, m.ndim
+
+    def __getitem__(self, sl):
+        return np.array(np.load(self.path, mmap_mode="r")[sl])
+
+
+class _NpyBackend:
+    """A directory of memory-mapped .npy files: ``features.npy``, ``block_crc.npy``,
+    ``store.json``. Local disks only; every worker maps the same file."""
+
+    kind = "npy"
+
+    def __init__(self, url: str):
+        if is_url(url):
+            raise StoreError(f"store format 'npy' needs a local directory, not {url!r}; use "
+                             "the zarr format for fsspec URLs.")
+        self.dir = _local(url)
+        self.url = url
+
+    def _p(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def meta(self) -> dict | None:
+        if os.path.isfile(self.dir):
+            raise StoreError(f"Store path {self.url!r} is a file, not a swimdist feature store; "
+                             "choose a new or empty directory.")
+        if not os.path.exists(self.dir) or not os.listdir(self.dir):
+            return None
+        try:
+            with open(self._p("store.json")) as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            meta = None
+        if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
+            raise StoreError(f"{self.url!r} is not empty and is not a swimdist feature store; "
+                             "it was left untouched. Choose a new or empty directory.")
+        return meta
+
+    def create(self, shape, rows, n_blocks, dtype, meta) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        np.lib.format.open_memmap(self._p("features.npy"), mode="w+", dtype=dtype,
+                                  shape=shape).flush()
+        np.lib.format.open_memmap(self._p("block_crc.npy"), mode="w+", dtype=np.uint64,
+                                  shape=(n_blocks,)).flush()
+        self.set_meta(meta)
+
+    def set_meta(self, meta: dict) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.dir)
+        with os.fdopen(fd, "w") as f:
+            json.dump(meta, f)
+        os.replace(tmp, self._p("store.json"))
+
+    def crcs(self) -> np.ndarray:
+        return np.array(np.load(self._p("block_crc.npy"), mmap_mode="r"))
+
+    def set_crc(self, i: int, value: int) -> None:
+        m = np.load(self._p("block_crc.npy"), mmap_mode="r+")
+        m[i] = value
+        m.flush()
+
+    def read_rows(self, r0: int, r1: int) -> np.ndarray:
+        return np.array(np.load(self._p("features.npy"), mmap_mode="r")[r0:r1])
+
+    def write_rows(self, r0: int, h: np.ndarray) -> None:
+        m = np.load(self._p("features.npy"), mmap_mode="r+")
+        m[r0:r0 + h.shape[0]] = h
+        m.flush()
+
+    def array(self, rows: int) -> da.Array:
+        view = _NpyRows(self._p("features.npy"))
+        return da.from_array(view, chunks=(rows, view.shape[1]), asarray=True,
+                             name="swimdist-npy-" + dask.base.tokenize(self.dir, view.shape,
+                                                                       os.path.getmtime(
+                                                                           view.path)))
+
+
+def store_backend(url: str, store_format: str | None = None):
+    """The backend for ``url``: ``store_format`` if given, else what is there (npy if the
+    directory holds ``store.json``), else zarr."""
+    if not is_url(url) and os.path.exists(os.path.join(_local(url), "store.json")):
+        store_format = "npy"  # an existing store keeps its own format
+    elif not is_url(url) and os.path.exists(os.path.join(_local(url), "zarr.json")):
+        store_format = "zarr"
+    store_format = store_format or config.get("store-format") or "zarr"
+    if store_format not in STORE_FORMATS:
+        raise ValidationError(f"Unknown store format {store_format!r}; valid formats are: "
+                              f"{', '.join(STORE_FORMATS)}.")
+    return _NpyBackend(url) if store_format == "npy" else _ZarrBackend(url)
+
+
+def _existing_group(url: str):
+    """Metadata of the store at ``url`` (None if empty); refuses foreign content."""
+    return store_backend(url).meta()
+
+
+def _block_crc(h: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(h).view(np.uint8)) + 1
+
+
+def _write_block(x, params, columns, dtype, backend, block_info=None):
+    """Generate one row block of features and write it, then its checksum (one task)."""
     from .features import _forward
 
     info = block_info[0]
     i = info["chunk-location"][0]
-    r0, r1 = info["array-location"][0]
-    grp = zarr.open_group(store=url, mode="r+")
-    crc = grp["block_crc"]
-    if int(crc[i]) != 0:
+    r0 = info["array-location"][0][0]
+    if int(backend.crcs()[i]) != 0:
         return np.zeros((1, 1), dtype=np.uint8)  # already written and verified
     h = _forward(x, params, columns, dtype, False)
-    grp["features"][r0:r1, :] = h
-    crc[i] = zlib.crc32(np.ascontiguousarray(h).view(np.uint8)) + 1
+    try:
+        backend.write_rows(r0, h)
+        backend.set_crc(i, _block_crc(h))
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise StoreError(f"Out of disk space writing feature block {i} to "
+                             f"{backend.url!r}.") from None
+        raise
     return np.ones((1, 1), dtype=np.uint8)
 
 
-def _verify_blocks(url: str, n_blocks: int, rows: int) -> int:
+def _verify_blocks(backend, rows: int) -> int:
     """Reset the checksum of blocks whose data do not verify; return how many were good."""
-    grp = zarr.open_group(store=url, mode="r+")
-    crc, feats = grp["block_crc"], grp["features"]
-    stored = crc[:]
+    stored = backend.crcs()
     good = 0
     for i in np.flatnonzero(stored):
-        h = feats[i * rows:(i + 1) * rows, :]
-        if zlib.crc32(np.ascontiguousarray(h).view(np.uint8)) + 1 == int(stored[i]):
+        if _block_crc(backend.read_rows(i * rows, (i + 1) * rows)) == int(stored[i]):
             good += 1
         else:
-            crc[i] = 0
+            backend.set_crc(i, 0)
     return good
 
 
+def check_free_space(url: str, nbytes: int) -> None:
+    """Refuse up front when a local store's disk cannot hold ``nbytes`` more."""
+    if is_url(url):
+        return
+    d = os.path.abspath(_local(url))
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    free = shutil.disk_usage(d).free
+    if free < nbytes:
+        raise StoreError(f"Not enough disk space for the feature store at {url!r}: it needs "
+                         f"{nbytes / 1e9:.2f} GB, the disk has {free / 1e9:.2f} GB free. Free "
+                         "space, use float32 features, or point --store elsewhere.")
+
+
 def build_feature_store(X: da.Array, layers: list[Layer], url: str, *, fingerprint: str,
-                        dtype="float64", columns=None, verify: bool = True) -> tuple[da.Array, dict]:
-    """Generate the features of ``X`` into the Zarr store at ``url`` (resuming if possible).
+                        dtype="float64", columns=None, verify: bool = True,
+                        store_format: str | None = None) -> tuple[da.Array, dict]:
+    """Generate the features of ``X`` into the store at ``url``, resuming what is done.
 
     ``X`` must be a dask array with regular row chunks; each chunk becomes one store chunk.
-    Returns the features read back lazily from the store and a dict of what was done.
+    Blocks already written and whose checksums verify are not generated again. Returns the
+    features read back lazily from the store and a dict of what was done.
     """
     dtype = np.dtype(dtype)
     rows = X.chunks[0][0]
@@ -152,43 +313,53 @@ def build_feature_store(X: da.Array, layers: list[Layer], url: str, *, fingerpri
     width = layers[-1].width if columns is None else len(columns)
     n_blocks = len(X.chunks[0])
     shape = (X.shape[0], width)
-    grp = _existing_group(url)
+    backend = store_backend(url, store_format)
+    meta = backend.meta()
     reused = 0
-    if grp is not None:
-        meta = grp.attrs["swimdist"]
+    if meta is not None:
+        if int(meta.get("version", 0)) > STORE_VERSION:
+            raise StoreError(f"Feature store {url!r} has format version {meta.get('version')}, "
+                             f"newer than this swimdist understands ({STORE_VERSION}).")
         if meta.get("fingerprint") != fingerprint:
             raise StoreError(
                 f"Feature store {url!r} was produced by a different job (data, seed or "
                 f"parameters differ: fingerprint {meta.get('fingerprint')} != {fingerprint}). "
-                "It was left untouched; use another store path or delete it first."
-            )
+                "It was left untouched; use another store path or delete it first.")
         if verify:
-            reused = _verify_blocks(url, n_blocks, rows)
+            reused = _verify_blocks(backend, rows)
     else:
-        if not is_url(url):
-            os.makedirs(_local(url), exist_ok=True)
-        grp = zarr.open_group(store=url, mode="w")
-        grp.create_array("features", shape=shape, chunks=(rows, width), dtype=dtype,
-                         compressors=None, fill_value=0)
-        grp.create_array("block_crc", shape=(n_blocks,), chunks=(1,), dtype="uint64",
-                         fill_value=0)
-        grp.attrs["swimdist"] = {
-            "format": STORE_FORMAT, "version": STORE_VERSION, "fingerprint": fingerprint,
-            "shape": list(shape), "rows_per_block": rows, "dtype": dtype.str,
-            "complete": False,
-        }
+        check_free_space(url, int(np.prod(shape)) * dtype.itemsize)
+        meta = {"format": STORE_FORMAT, "version": STORE_VERSION, "fingerprint": fingerprint,
+                "shape": list(shape), "rows_per_block": rows, "dtype": dtype.str,
+                "store_format": backend.kind, "complete": False}
+        backend.create(shape, rows, n_blocks, dtype, meta)
     params = dask.delayed(list(layers), pure=True)
     cols = None if columns is None else np.asarray(columns)
-    done = X.map_blocks(_write_block, params, cols, dtype, url, chunks=((1,) * n_blocks, (1,)),
-                        dtype=np.uint8, meta=np.empty((0, 0), np.uint8))
-    written = int(done.sum().compute())
-    grp = zarr.open_group(store=url, mode="r+")
-    meta = dict(grp.attrs["swimdist"])
+    done = X.map_blocks(_write_block, params, cols, dtype, backend,
+                        chunks=((1,) * n_blocks, (1,)), dtype=np.uint8,
+                        meta=np.empty((0, 0), np.uint8))
+    written = int(compute_with_progress(done.sum(), "features"))
     meta["complete"] = True
-    grp.attrs["swimdist"] = meta
-    H = da.from_zarr(grp["features"], chunks=(rows, width))
-    return H, {"blocks": n_blocks, "written": written, "reused": n_blocks - written,
-               "verified": reused}
+    backend.set_meta(meta)
+    return backend.array(rows), {"blocks": n_blocks, "written": written,
+                                 "reused": n_blocks - written, "verified": reused}
+
+
+def compute_with_progress(x, label: str = ""):
+    """Compute a dask collection; with ``swimdist.progress`` set and a distributed client,
+    show distributed's progress bar while it runs."""
+    if config.get("progress", False):
+        try:
+            from distributed import get_client, progress
+
+            client = get_client()
+        except (ImportError, ValueError):
+            return x.compute()
+        fut = client.compute(x)
+        if sys.stderr.isatty():
+            progress(fut)
+        return fut.result()
+    return x.compute()
 
 
 def temporary_store_path() -> str:
@@ -203,6 +374,7 @@ def remove_store(url: str) -> None:
     """Delete a (temporary) local store directory."""
     if not is_url(url):
         shutil.rmtree(_local(url), ignore_errors=True)
+
 
 
 # --------------------------------------------------------------------------- models
@@ -331,3 +503,123 @@ def load_array(path: str, key: str | None = None, *, chunk_rows: int | None = No
     except Exception as exc:  # noqa: BLE001 - format libraries raise many types
         raise ValidationError(f"Could not read {p!r} ({exc.__class__.__name__}: {exc}).") from None
     raise ValidationError(f"Unknown input format for {p!r}; use .npy, .npz, .h5/.hdf5 or .zarr.")
+
+
+# --------------------------------------------------------------------------- locking
+class StoreLock:
+    """An exclusive lease on a feature store, held by one job at a time.
+
+    The lease is a small JSON object ``<store>.lock`` (beside the store, so it never mixes
+    with store content) holding the owner and an expiry time that a background thread renews;
+    a job that dies stops renewing, and its lease lapses after ``ttl`` seconds, so a dead job
+    never holds a store forever. A live owner on this host is also detected by its pid.
+    Works for local paths and fsspec URLs (object stores: best effort, no compare-and-swap).
+    """
+
+    def __init__(self, url: str, *, ttl: float = 60.0):
+        self.url = str(url).rstrip("/")
+        self.path = self.url + ".lock"
+        self.ttl = ttl
+        self.token = f"{os.getpid()}-{os.urandom(6).hex()}"
+        self._stop = None
+
+    def _fs(self):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(self.path if is_url(self.path) else _local(self.path))
+        return fs, path
+
+    def _read(self):
+        fs, path = self._fs()
+        try:
+            with fs.open(path, "r") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError):
+            return {}
+
+    def _write(self) -> None:
+        import socket
+        import time as _time
+
+        fs, path = self._fs()
+        rec = {"token": self.token, "pid": os.getpid(), "host": socket.gethostname(),
+               "expires": _time.time() + self.ttl}
+        if not is_url(self.path):
+            d = os.path.dirname(os.path.abspath(path))
+            os.makedirs(d, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-lock-", dir=d)
+            with os.fdopen(fd, "w") as f:
+                json.dump(rec, f)
+            os.replace(tmp, path)
+        else:
+            with fs.open(path, "w") as f:
+                json.dump(rec, f)
+
+    def _held_by_other(self, rec) -> str | None:
+        import socket
+        import time as _time
+
+        if not rec or rec.get("token") == self.token:
+            return None
+        alive = rec.get("expires", 0) > _time.time()
+        if alive and rec.get("host") == socket.gethostname():
+            try:
+                os.kill(int(rec.get("pid", -1)), 0)
+            except (OSError, ValueError):
+                alive = False  # the owner process is gone: a stale lease
+        if alive:
+            return f"pid {rec.get('pid')} on {rec.get('host')}"
+        return None
+
+    def acquire(self) -> StoreLock:
+        import threading
+
+        if not is_url(self.path):
+            # O_EXCL creation makes two local jobs racing for a free store see each other.
+            path = _local(self.path)
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.close(fd)
+            except FileExistsError:
+                owner = self._held_by_other(self._read())
+                if owner:
+                    raise StoreError(f"Feature store {self.url!r} is in use by another job "
+                                     f"({owner}); wait for it or use another store.") from None
+        else:
+            owner = self._held_by_other(self._read())
+            if owner:
+                raise StoreError(f"Feature store {self.url!r} is in use by another job "
+                                 f"({owner}); wait for it or use another store.")
+        self._write()
+        self._stop = threading.Event()
+
+        def renew():
+            while not self._stop.wait(self.ttl / 3):
+                try:
+                    self._write()
+                except Exception:  # noqa: BLE001 - renewal is best effort
+                    logging.getLogger("swimdist.storage").warning("could not renew lock %s",
+                                                                  self.path)
+
+        threading.Thread(target=renew, daemon=True, name="swimdist-store-lock").start()
+        return self
+
+    def release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+        rec = self._read()
+        if rec and rec.get("token") == self.token:
+            fs, path = self._fs()
+            try:
+                fs.rm(path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()

@@ -136,3 +136,32 @@ def test_load_array_formats(tmp_path, rng):
     (tmp_path / "bad.h5").write_bytes(b"garbage")
     with pytest.raises(ValidationError, match="Could not read"):
         load_array(str(tmp_path / "bad.h5"), "X")
+
+
+def test_npy_store_matches_zarr_store_and_resumes(problem, tmp_path):
+    X, layers = problem
+    Xd = da.from_array(X, chunks=(64, -1))
+    Hz, _ = build_feature_store(Xd, layers, str(tmp_path / "z"), fingerprint="fp")
+    Hn, info = build_feature_store(Xd, layers, str(tmp_path / "n"), fingerprint="fp",
+                                   store_format="npy")
+    assert info["written"] == 4
+    assert sorted(os.listdir(tmp_path / "n")) == ["block_crc.npy", "features.npy", "store.json"]
+    np.testing.assert_array_equal(Hn.compute(), Hz.compute())
+    m = np.load(tmp_path / "n" / "features.npy", mmap_mode="r+")
+    m[130, 0] += 1.0  # corrupt block 2
+    m.flush()
+    del m
+    H2, info = build_feature_store(Xd, layers, str(tmp_path / "n"), fingerprint="fp")
+    assert info == {"blocks": 4, "written": 1, "reused": 3, "verified": 3}
+    np.testing.assert_array_equal(H2.compute(), Hz.compute())
+
+
+def test_store_refuses_when_disk_is_too_small(problem, tmp_path, monkeypatch):
+    import shutil
+
+    X, layers = problem
+    Xd = da.from_array(X, chunks=(64, -1))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 5))
+    with pytest.raises(StoreError, match="Not enough disk space .* needs 0.00 GB"):
+        build_feature_store(Xd, layers, str(tmp_path / "s"), fingerprint="fp")
+    assert not (tmp_path / "s").exists()

@@ -70,7 +70,7 @@ class RowBlockOperator:
         if is_dask(A):
             A = row_chunked(A)
             if persist:
-                A = A.persist()
+                A = A.map_blocks(_aligned, dtype=A.dtype).persist()
         else:
             A = np.asarray(A)
         self.A = A
@@ -143,13 +143,24 @@ def _graph_size(*collections) -> int:
     return sum(len(c.__dask_graph__()) for c in collections)
 
 
+def _aligned(x: np.ndarray) -> np.ndarray:
+    """``x`` itself when its data are aligned for its dtype, else an aligned copy.
+
+    Arrays deserialized by distributed can start at any byte; numpy does not hand unaligned
+    data to BLAS and sums them in another order, which would make results depend on where a
+    block happened to land in memory (and so on the number of workers).
+    """
+    return np.require(x, requirements=["A"])
+
+
 def _axpy_block(A_i, W, U_i, a):
-    out = A_i @ W
+    out = _aligned(A_i) @ _aligned(W)
     out += a * U_i
     return out
 
 
 def _reduce_block(A_i, U_i):
+    A_i, U_i = _aligned(A_i), _aligned(U_i)
     out = np.empty((1, A_i.shape[1] + 1, U_i.shape[1]))
     np.matmul(A_i.T, U_i, out=out[0, :-1])
     out[0, -1] = np.einsum("ij,ij->j", U_i, U_i)

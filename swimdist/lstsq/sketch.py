@@ -211,7 +211,8 @@ def sketch_block(
     Bs = [B] if isinstance(B, np.ndarray) or not isinstance(B, (list, tuple)) else list(B)
     Bs = [np.asarray(b) for b in Bs]
     Bs = [b[:, None] if b.ndim == 1 else b for b in Bs]
-    Bs = [np.ascontiguousarray(b, dtype=np.float64) for b in Bs]
+    # C-contiguous and aligned (distributed may deserialize blocks at odd addresses)
+    Bs = [np.require(b, dtype=np.float64, requirements=["C", "A"]) for b in Bs]
     rows = Bs[0].shape[0]
     if any(b.ndim != 2 or b.shape[0] != rows for b in Bs):
         raise ValidationError(

@@ -120,10 +120,15 @@ def _ones_column(B: da.Array) -> da.Array:
                         meta=np.empty((0, 0), B.dtype))
 
 
-def _frobenius(R) -> float:
-    if is_dask(R):
-        return float(np.sqrt((R * R).sum().compute()))
-    return float(np.linalg.norm(R))
+def _settle(x: da.Array) -> None:
+    """Wait until a persisted array is in worker memory (for honest stage timings)."""
+    try:
+        from distributed import default_client, wait
+
+        default_client()
+    except (ImportError, ValueError):
+        return  # no distributed client: persist() already computed it
+    wait(x)
 
 
 def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int = 4,
@@ -131,7 +136,7 @@ def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int
                 sweep_tol: float = 1e-3, intercept: bool = False,
                 column_norms: np.ndarray | None = None,
                 block_features: Callable[[np.ndarray], da.Array] | None = None,
-                sub_options: dict | None = None, seed: int = 0, **_ignored) -> LstsqResult:
+                seed: int = 0, **sub_options) -> LstsqResult:
     """Solve ``min ||A X - Y||_F`` block by block over ordered column blocks (see module doc).
 
     Parameters
@@ -161,10 +166,11 @@ def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int
     block_features : callable, optional
         ``block_features(columns) -> dask array (N, len(columns))``: the features of just
         those neuron columns, generated on the workers, with ``A``'s row chunks.
-    sub_options : dict, optional
-        Extra keyword arguments for the sub-solver.
     seed : int
-        Seed of the ``"random"`` order; sub-solver seeds are derived from it per block.
+        Seed of the ``"random"`` order; sub-solver seeds are derived from it per block
+        (``SeedSequence([seed, sweep, block])``).
+    **sub_options
+        Passed to the sub-solver (e.g. ``gamma``, ``tol`` for ``"lsrn"``).
 
     Returns
     -------
@@ -205,19 +211,19 @@ def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int
                                   "column_norms (the norms of the neurons' weight vectors).")
         norms = _column_norms(A[:, :n_neurons])
     order = neuron_order(n_neurons, split_order, norms=norms, seed=seed)
-    groups = [g for g in np.array_split(order, n_splits)]
-    sub_options = dict(sub_options or {})
-    sub_options.pop("seed", None)
+    groups = list(np.array_split(order, n_splits))
 
     lazy = is_dask(A) or block_features is not None or is_dask(Y)
     if lazy:
         A = row_chunked(A)
         R = rows_like(Y, A).astype(np.float64).persist()
+        Rn = R.compute()
     else:
         A = np.asarray(A)
-        R = np.array(Y, dtype=np.float64)
+        R = Rn = np.array(Y, dtype=np.float64)
+    # Rn: the residual (N x K, small) on the client, as the sub-solvers take it.
     K = R.shape[1]
-    ynorm = _frobenius(R)
+    ynorm = float(np.linalg.norm(Rn))
     scale = ynorm if ynorm > 0 else 1.0
     X = np.zeros((n, K), dtype=np.float64)
 
@@ -237,7 +243,9 @@ def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int
             B = _ones_column(B) if intercept else B
         else:
             B = A[:, np.r_[cols, n - 1] if intercept else cols]
-        return B.persist()
+        B = B.persist()
+        _settle(B)
+        return B
 
     history: list[float] = []
     per_sweep: list[list[float]] = []
@@ -247,7 +255,7 @@ def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int
     stop_reason = "max_sweeps"
     sweeps_done = 0
     for sweep in range(split_sweeps):
-        X_prev, R_prev, rel_prev = X.copy(), R, rel
+        X_prev, R_prev, Rn_prev, rel_prev = X.copy(), R, Rn, rel
         sweep_res: list[float] = []
         sweep_ranks: list[int | None] = []
         for j, cols in enumerate(groups):
@@ -255,21 +263,22 @@ def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int
             B = block(cols)
             t1 = time.perf_counter()
             sub_seed = int(np.random.SeedSequence([seed, sweep, j]).generate_state(1)[0])
-            # The residual (N x K, small) goes to the sub-solver as numpy: solvers take it so.
-            Rn = R.compute() if lazy else R
             res = sub(B, Rn, rcond=rcond, alpha=alpha, seed=sub_seed, **sub_options)
-            del Rn
             d = np.asarray(res.solution, dtype=np.float64).reshape(-1, K)
             t2 = time.perf_counter()
+            for key, sec in res.timings.items():  # the sub-solver's stages, summed over blocks
+                timings[f"sub_{key}"] = timings.get(f"sub_{key}", 0.0) + sec
             if lazy:
+                # Row block by row block on the workers; the persisted R keeps the graph flat.
                 R = (R - B.dot(d)).persist()
+                Rn = R.compute()
             else:
-                R = R - B @ d
+                R = Rn = R - B @ d
             del B
             X[cols] += d[:len(cols)]
             if intercept:
                 X[n - 1] += d[-1]
-            rel = _frobenius(R) / scale
+            rel = float(np.linalg.norm(Rn)) / scale
             t3 = time.perf_counter()
             timings["build"] += t1 - t0
             timings["solve"] += t2 - t1
@@ -284,7 +293,7 @@ def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int
         sweeps_done = sweep + 1
         if sweep > 0 and rel > rel_prev:
             # Rounding made this sweep worse: keep the previous iterate.
-            X, R, rel = X_prev, R_prev, rel_prev
+            X, R, Rn, rel = X_prev, R_prev, Rn_prev, rel_prev
             stop_reason = "no_improvement"
             break
         if sweep > 0 and rel_prev - rel <= sweep_tol * rel_prev:
@@ -294,10 +303,7 @@ def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int
             stop_reason = "converged"
             break
     converged = split_sweeps == 1 or stop_reason != "max_sweeps"
-    if lazy:
-        resid = np.sqrt((R * R).sum(axis=0).compute())
-    else:
-        resid = np.sqrt(np.einsum("ij,ij->j", R, R))
+    resid = np.sqrt(np.einsum("ij,ij->j", Rn, Rn))
     timings["split_total"] = time.perf_counter() - t_start
     logger.info("split: %d blocks, order %s, %d sweep(s), relative residual %.3e (%s)",
                 len(groups), split_order if isinstance(split_order, str) else "given",
