@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
+import signal
 import sys
+import threading
 
 import click
 import dask.config
@@ -85,6 +88,8 @@ class _EchoHandler(logging.Handler):
 @click.option("--activation", default=None, help="tanh or relu.")
 @click.option("--sampler", default=None, help="swim, uniform or random.")
 @click.option("--solver", default=None, help="Least-squares solver (default auto).")
+@click.option("--solver-option", "solver_option", multiple=True, metavar="KEY=VALUE",
+              help="Extra solver argument, repeatable (e.g. tile=4000, gram_dtype=float32).")
 @click.option("--rcond", type=float, default=None, help="Relative singular-value cutoff.")
 @click.option("--alpha", type=float, default=None, help="Tikhonov damping of the output layer.")
 @click.option("--seed", "random_state", type=int, default=None, help="Random seed.")
@@ -122,6 +127,14 @@ def train(config_path, **kw) -> None:
         except ValueError:
             _fail(SwimdistError(f"--hidden must be integers separated by commas; got "
                                 f"{kw['hidden']!r}."))
+    opts = {}
+    for item in kw.pop("solver_option") or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(SwimdistError(f"--solver-option takes KEY=VALUE; got {item!r}."))
+        opts[key.strip()] = yaml.safe_load(value)
+    if opts:
+        model["solver_options"] = opts
     distinct = kw.pop("distinct")
     if distinct is not None:
         model["replace"] = not distinct
@@ -143,15 +156,33 @@ def train(config_path, **kw) -> None:
         click.echo(f"swimdist {__version__}: training on {spec['data']['dataset']} "
                    f"(hidden {spec['model']['hidden_layer_sizes']}, solver "
                    f"{spec['model']['solver']}) -> {spec['output']}", err=True)
-        with dask.config.set({"swimdist.progress": True}):
+        with dask.config.set({"swimdist.progress": True}), _sigterm_interrupts():
             metrics = run_job(spec, performance_report=report)
     except SwimdistError as exc:
         _fail(exc)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+    except KeyboardInterrupt as exc:
+        click.echo(f"interrupted{': ' + str(exc) if str(exc) else ''}", err=True)
         sys.exit(130)
     _print_metrics(metrics)
     click.echo(f"model written to {os.path.join(spec['output'], 'model.npz')}")
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """Turn SIGTERM (a pod eviction, ``kill``) into KeyboardInterrupt while a job runs, so
+    the job records its failure in status.json and releases its store lock on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"terminated by {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _print_metrics(m: dict) -> None:

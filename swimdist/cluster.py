@@ -55,7 +55,9 @@ def local_cluster_kwargs(*, n_workers: int | None = None, threads_per_worker: in
     blas = str(config.get("cluster.blas-threads") or 1)
     return {
         "n_workers": workers, "threads_per_worker": threads, "processes": processes,
-        "memory_limit": per_worker, "dashboard_address": ":0",
+        # the dashboard of an embedded cluster is for this machine only: ":0" would listen
+        # on every interface
+        "memory_limit": per_worker, "dashboard_address": "127.0.0.1:0",
         "env": {v: blas for v in _BLAS_VARS} if processes else None,
     }
 
@@ -73,6 +75,16 @@ def connect(address: str | None = None, *, n_workers: int | None = None,
     address = scheduler_address(address)
     timeout = float(timeout or config.get("cluster.connect-timeout") or 10)
     if address:
+        if str(address).startswith("tls://") and security is None:
+            from distributed.security import Security
+
+            security = Security()  # TLS files from the Dask config (distributed.comm.tls.*)
+            if security.get_connection_args("client").get("ssl_context") is None:
+                raise SchedulerError(
+                    f"The scheduler at {address!r} uses TLS, and no client certificate is "
+                    "configured: pass --tls-ca-file, --tls-cert and --tls-key (job spec: "
+                    "cluster.tls_ca_file, tls_cert, tls_key), or set distributed.comm.tls.* "
+                    "in the Dask config.")
         try:
             client = Client(address, timeout=f"{timeout}s", security=security,
                             set_as_default=True)

@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import urllib.request
+import zlib
 
 import numpy as np
 
@@ -57,7 +58,7 @@ def read_idx(path: str) -> np.ndarray:
             data = f.read()
     except FileNotFoundError:
         raise ValidationError(f"IDX file {path!r} does not exist.") from None
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise ValidationError(f"IDX file {path!r} is corrupt or truncated ({exc}).") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValidationError(f"{path!r} is not an IDX file (bad magic number).")

@@ -226,6 +226,10 @@ class _SWIMBase:
             t2 = time.perf_counter()
             A = add_bias_column(H)
             opts = {"seed": p["seed"], **p["options"]}
+            if self.solver in ("normal-tiled", "auto") and "blocks" in info:
+                # Column-tile readers go straight to the store (see lstsq/tiled.py).
+                opts["feature_store"] = (str(store), storage.store_backend(str(store)).kind,
+                                         rows)
             if self.solver == "split":
                 opts.update(intercept=True,
                             column_norms=np.linalg.norm(layers[-1].weights, axis=0),
@@ -443,6 +447,7 @@ ESTIMATORS = {"SWIMRegressor": SWIMRegressor, "SWIMClassifier": SWIMClassifier}
 def load_model(path: str):
     """Load a model saved by ``save``; data only (arrays + JSON), nothing is unpickled."""
     arrays, meta = storage.load_arrays(str(path))
+    _check_model_file(str(path), arrays, meta)
     cls = ESTIMATORS.get(meta.get("estimator"))
     if cls is None:
         from .exceptions import StoreError
@@ -472,3 +477,62 @@ def load_model(path: str):
         est.neuron_order_ = arrays["neuron_order"]
         est.fit_info_["neuron_order"] = est.neuron_order_
     return est
+
+
+def _check_model_file(path: str, arrays: dict, meta: dict) -> None:
+    """Refuse a model file whose metadata or arrays do not fit together, naming what is wrong
+    (a damaged or hand-edited file must not fail later, deep inside ``predict``)."""
+    from .exceptions import StoreError
+
+    def bad(what: str) -> StoreError:
+        return StoreError(f"Model file {path!r} is damaged or inconsistent: {what}.")
+
+    def integer(key: str, low: int) -> int:
+        v = meta.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise bad(f"{key!r} must be an integer >= {low}, not {v!r}")
+        return v
+
+    if not isinstance(meta.get("estimator"), str):
+        raise bad(f"'estimator' must be a name, not {meta.get('estimator')!r}")
+    params = meta.get("params")
+    if not isinstance(params, dict) or not isinstance(params.get("hidden_layer_sizes"), list):
+        raise bad("'params' must be a mapping with 'hidden_layer_sizes'")
+    if not isinstance(meta.get("fit_info", {}), dict):
+        raise bad("'fit_info' must be a mapping")
+    acts = meta.get("activations")
+    if not isinstance(acts, list) or not acts or not all(isinstance(a, str) for a in acts):
+        raise bad(f"'activations' must be a non-empty list of names, not {acts!r}")
+    for a in acts:
+        try:
+            get_activation(a)
+        except ValidationError as exc:
+            raise bad(str(exc).rstrip(".")) from None
+    width = integer("n_features_in", 1)
+    integer("seed", 0)
+    if meta.get("y_ndim", 1) not in (1, 2):
+        raise bad(f"'y_ndim' must be 1 or 2, not {meta.get('y_ndim')!r}")
+    for i in range(len(acts)):
+        W, b = arrays.get(f"W{i}"), arrays.get(f"b{i}")
+        if W is None or b is None:
+            raise bad(f"layer {i} has no array {'W' if W is None else 'b'}{i}")
+        if W.dtype.kind != "f" or b.dtype.kind != "f" or W.ndim != 2 or W.shape[0] != width \
+                or b.shape != (W.shape[1],) or not (np.isfinite(W).all() and np.isfinite(b).all()):
+            raise bad(f"layer {i} has weights {W.dtype}{W.shape} and biases {b.dtype}{b.shape}; "
+                      f"expected finite floats of shapes ({width}, M) and (M,)")
+        width = W.shape[1]
+    coef, intercept = arrays.get("coef"), arrays.get("intercept")
+    if coef is None or intercept is None:
+        raise bad(f"it has no array {'coef' if coef is None else 'intercept'}")
+    K = coef.shape[1] if coef.ndim == 2 else 1
+    if coef.dtype.kind != "f" or intercept.dtype.kind != "f" or coef.ndim not in (1, 2) \
+            or coef.shape[0] != width or intercept.shape != (K,) \
+            or not (np.isfinite(coef).all() and np.isfinite(intercept).all()):
+        raise bad(f"output weights {coef.dtype}{coef.shape} and intercept {intercept.dtype}"
+                  f"{intercept.shape} do not match the last layer's {width} neurons")
+    if meta["estimator"] == "SWIMClassifier":
+        classes = arrays.get("classes")
+        if classes is None or classes.ndim != 1 or len(classes) < 2 \
+                or K != (1 if len(classes) == 2 else len(classes)):
+            raise bad(f"a classifier needs 1-D 'classes' matching its {K} output(s); got "
+                      f"{None if classes is None else classes.shape}")

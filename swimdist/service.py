@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 
 from . import config, datasets, storage
-from .exceptions import JobSpecError, SwimdistError
+from .exceptions import JobSpecError, SchedulerError, SwimdistError
 
 logger = logging.getLogger("swimdist.service")
 
@@ -123,7 +123,7 @@ def _merge(base: dict, over: dict, prefix: str = "") -> dict:
 def _check_types(spec: dict, prefix: str = "") -> None:
     for k, v in spec.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and key != "model.solver_options":
+        if isinstance(v, dict) and key != "model.solver_options" and key not in _TYPES:
             _check_types(v, f"{key}.")
             continue
         types = _TYPES.get(key)
@@ -204,6 +204,15 @@ def validate_spec(spec: dict) -> None:
         if m[key] not in valid:
             raise JobSpecError(f"model.{key} {m[key]!r} is unknown; valid: "
                                f"{', '.join(sorted(valid))}.")
+    root = config.get("output-root")
+    if root:
+        for key in ("output", "store"):
+            if spec[key] is not None:
+                spec[key] = confine(spec[key], root, key)
+        top = root.rstrip("/") if storage.is_url(root) else os.path.realpath(root)
+        if spec["store"] is not None and spec["store"].rstrip("/") == top:
+            raise JobSpecError(f"store {spec['store']!r} is the output root itself; use a "
+                               "directory inside it (the store's lock file goes beside it).")
     if spec["store_format"] not in ("zarr", "npy"):
         raise JobSpecError(f"store_format must be zarr or npy; got {spec['store_format']!r}.")
     c = spec["cluster"]
@@ -215,8 +224,30 @@ def validate_spec(spec: dict) -> None:
         raise JobSpecError(f"model.feature_dtype must be float64 or float32; got "
                            f"{m['feature_dtype']!r}.")
     for key in ("rcond", "alpha"):
-        if not np.isfinite(m[key]) or m[key] < 0:
+        try:
+            value = float(m[key])
+        except OverflowError:  # an integer beyond the float range
+            value = float("inf")
+        if not np.isfinite(value) or value < 0:
             raise JobSpecError(f"model.{key} must be a finite number >= 0; got {m[key]!r}.")
+
+
+def confine(path: str, root: str, key: str) -> str:
+    """``path`` resolved under ``root`` (relative paths are taken relative to it); refuses a
+    path that leaves ``root`` (``..``, absolute paths elsewhere, symlinks out, URLs)."""
+    if storage.is_url(path) or storage.is_url(root):
+        if storage.is_url(path) and storage.is_url(root) and (
+                path.rstrip("/") + "/").startswith(root.rstrip("/") + "/"):
+            if "/../" in path + "/" or "/./" in path:
+                raise JobSpecError(f"{key} {path!r} must not contain '..' or '.' segments.")
+            return path
+        raise JobSpecError(f"{key} {path!r} is outside the output root {root!r}.")
+    real_root = os.path.realpath(root)
+    full = os.path.realpath(os.path.join(real_root, path))
+    if os.path.commonpath([full, real_root]) != real_root:
+        raise JobSpecError(f"{key} {path!r} is outside the output root {root!r}; paths in a "
+                           "job spec must stay inside it.")
+    return full
 
 
 # --------------------------------------------------------------------------- artifacts
@@ -374,9 +405,13 @@ def run_job(spec: dict, *, performance_report: str | None = None, progress: bool
         status.update(phase="done", progress=1.0, model=model_path, metrics=metrics)
         return metrics
     except BaseException as exc:
-        msg = str(exc) if isinstance(exc, SwimdistError) else f"{type(exc).__name__}: {exc}"
+        lost = _scheduler_lost(exc, client, spec, status.data.get("phase"))
+        msg = (str(lost or exc) if isinstance(lost or exc, SwimdistError)
+               else f"{type(exc).__name__}: {exc}")
         with contextlib.suppress(Exception):
             status.update(phase="failed", error=msg)
+        if lost is not None:
+            raise lost from exc
         raise
     finally:
         if client is not None:
@@ -385,6 +420,27 @@ def run_job(spec: dict, *, performance_report: str | None = None, progress: bool
         if cluster is not None:
             with contextlib.suppress(Exception):
                 cluster.close()
+
+
+def _scheduler_lost(exc: BaseException, client, spec: dict, phase) -> SchedulerError | None:
+    """A :class:`SchedulerError` saying what to do when ``exc`` means the scheduler (or the
+    connection to it) was lost mid-job, else None. Feature blocks already written stay in
+    the store, verified by their checksums, so running the same job again resumes."""
+    from concurrent.futures import CancelledError
+
+    from distributed.comm.core import CommClosedError
+
+    text = str(exc)
+    if not (isinstance(exc, CommClosedError) or (isinstance(exc, CancelledError) and (
+            "scheduler-connection-lost" in text or "lost the connection" in text))):
+        return None
+    address = getattr(getattr(client, "scheduler", None), "address", None) or \
+        spec["cluster"]["scheduler"] or "the embedded cluster"
+    store = spec["store"]
+    resume = (f"The feature store {store!r} keeps every block written so far; run the same "
+              "job again to resume." if store else "Run the job again.")
+    return SchedulerError(f"Lost the connection to the Dask scheduler at {address} during "
+                          f"{phase or 'the job'} ({type(exc).__name__}). {resume}")
 
 
 def memory_settings(memory_limit, cluster) -> dict:

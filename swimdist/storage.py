@@ -81,6 +81,8 @@ def fingerprint_job(**parts: Any) -> str:
 
 # --------------------------------------------------------------------------- feature store
 STORE_FORMATS = ("zarr", "npy")
+#: Most neurons per Zarr chunk (column tiles; see _ZarrBackend.create).
+COLUMN_CHUNK = 5000
 
 
 class _ZarrBackend:
@@ -113,13 +115,29 @@ class _ZarrBackend:
         if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
             raise StoreError(f"{self.url!r} holds a Zarr group that is not a swimdist feature "
                              "store; it was left untouched. Choose a new or empty location.")
+        why = "shapes, chunks or dtypes differ"
+        try:  # the arrays' own metadata must agree with the store's
+            shape, rows = tuple(meta["shape"]), int(meta["rows_per_block"])
+            feats, crc = grp["features"], grp["block_crc"]
+            cols = int(meta.get("cols_per_chunk", shape[1]))
+            ok = (feats.shape == shape and feats.chunks == (rows, cols)
+                  and feats.dtype == np.dtype(meta["dtype"]) and crc.dtype == np.uint64
+                  and crc.shape == (-(-shape[0] // rows),))
+        except Exception as exc:  # noqa: BLE001 - zarr raises many types for bad metadata
+            ok, why = False, f"{type(exc).__name__}: {exc}"
+        if not ok:
+            raise StoreError(f"Feature store {self.url!r} is damaged: its arrays do not match its "
+                             f"metadata ({why}). It was left untouched; delete it to start over.")
         return dict(meta)
 
     def create(self, shape, rows, n_blocks, dtype, meta) -> None:
         if not is_url(self.url):
             os.makedirs(_local(self.url), exist_ok=True)
         grp = zarr.open_group(store=self.url, mode="w")
-        grp.create_array("features", shape=shape, chunks=(rows, shape[1]), dtype=dtype,
+        # Column tiles of at most COLUMN_CHUNK neurons: a row-block task writes whole chunks
+        # (aligned writes), and column-tile readers (the tiled Gram) read only their columns.
+        cols = meta["cols_per_chunk"] = min(shape[1], COLUMN_CHUNK)
+        grp.create_array("features", shape=shape, chunks=(rows, cols), dtype=dtype,
                          compressors=None, fill_value=0)
         grp.create_array("block_crc", shape=(n_blocks,), chunks=(1,), dtype="uint64",
                          fill_value=0)
@@ -129,13 +147,28 @@ class _ZarrBackend:
         zarr.open_group(store=self.url, mode="r+").attrs["swimdist"] = meta
 
     def crcs(self) -> np.ndarray:
-        return zarr.open_group(store=self.url, mode="r")["block_crc"][:]
+        arr = zarr.open_group(store=self.url, mode="r")["block_crc"]
+        try:
+            return arr[:]
+        except Exception:  # noqa: BLE001 - a damaged checksum chunk: that block counts as missing
+            out = np.zeros(arr.shape, dtype=np.uint64)
+            for i in range(arr.shape[0]):
+                try:
+                    out[i] = arr[i]
+                except Exception:  # noqa: BLE001
+                    continue
+            return out
 
     def set_crc(self, i: int, value: int) -> None:
         zarr.open_group(store=self.url, mode="r+")["block_crc"][i] = value
 
     def read_rows(self, r0: int, r1: int) -> np.ndarray:
         return zarr.open_group(store=self.url, mode="r")["features"][r0:r1, :]
+
+    def reader(self):
+        """A function ``(r0, r1, c0, c1) -> block`` reading from one open array."""
+        arr = zarr.open_group(store=self.url, mode="r")["features"]
+        return lambda r0, r1, c0, c1: arr[r0:r1, c0:c1]
 
     def write_rows(self, r0: int, h: np.ndarray) -> None:
         zarr.open_group(store=self.url, mode="r+")["features"][r0:r0 + h.shape[0], :] = h
@@ -214,6 +247,18 @@ class _NpyBackend:
     def read_rows(self, r0: int, r1: int) -> np.ndarray:
         return np.array(np.load(self._p("features.npy"), mmap_mode="r")[r0:r1])
 
+    def reader(self):
+        """A function ``(r0, r1, c0, c1) -> block`` reading from one memory map."""
+        path = self._p("features.npy")
+
+        def read(r0, r1, c0, c1):
+            m = np.load(path, mmap_mode="r")
+            out = np.array(m[r0:r1, c0:c1])
+            del m  # unmap: mapped pages must not pile up in the worker's RSS
+            return out
+
+        return read
+
     def write_rows(self, r0: int, h: np.ndarray) -> None:
         m = np.load(self._p("features.npy"), mmap_mode="r+")
         m[r0:r0 + h.shape[0]] = h
@@ -276,7 +321,11 @@ def _verify_blocks(backend, rows: int) -> int:
     stored = backend.crcs()
     good = 0
     for i in np.flatnonzero(stored):
-        if _block_crc(backend.read_rows(i * rows, (i + 1) * rows)) == int(stored[i]):
+        try:
+            ok = _block_crc(backend.read_rows(i * rows, (i + 1) * rows)) == int(stored[i])
+        except Exception:  # noqa: BLE001 - a damaged chunk that does not decode: regenerate it
+            ok = False
+        if ok:
             good += 1
         else:
             backend.set_crc(i, 0)
@@ -317,9 +366,9 @@ def build_feature_store(X: da.Array, layers: list[Layer], url: str, *, fingerpri
     meta = backend.meta()
     reused = 0
     if meta is not None:
-        if int(meta.get("version", 0)) > STORE_VERSION:
-            raise StoreError(f"Feature store {url!r} has format version {meta.get('version')}, "
-                             f"newer than this swimdist understands ({STORE_VERSION}).")
+        if not isinstance(meta.get("version"), int) or meta["version"] > STORE_VERSION:
+            raise StoreError(f"Feature store {url!r} has format version {meta.get('version')!r}; "
+                             f"this swimdist reads versions up to {STORE_VERSION}.")
         if meta.get("fingerprint") != fingerprint:
             raise StoreError(
                 f"Feature store {url!r} was produced by a different job (data, seed or "
@@ -437,7 +486,9 @@ def load_arrays(path: str) -> tuple[dict[str, np.ndarray], dict]:
         raise StoreError(f"{path!r} is not a swimdist model file (no metadata).") from None
     if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
         raise StoreError(f"{path!r} is not a swimdist model file.")
-    if int(meta.get("version", 0)) > MODEL_VERSION:
+    if isinstance(meta.get("version"), bool) or not isinstance(meta.get("version"), int):
+        raise StoreError(f"Model {path!r} has no valid format version ({meta.get('version')!r}).")
+    if meta["version"] > MODEL_VERSION:
         raise StoreError(f"Model {path!r} has format version {meta.get('version')}, newer than "
                          f"this swimdist understands ({MODEL_VERSION}); upgrade swimdist.")
     return arrays, meta
@@ -463,8 +514,31 @@ class _H5Rows:
     def __getitem__(self, sl):
         import h5py
 
-        with h5py.File(self.path, "r") as f:
-            return f[self.key][sl]
+        try:
+            with h5py.File(self.path, "r") as f:
+                return f[self.key][sl]
+        except Exception as exc:  # noqa: BLE001 - h5py raises several types on bad data
+            raise _read_error(self.path, exc) from None
+
+
+class _ZarrRows:
+    """Picklable lazy view of a Zarr array whose read errors name the file (a damaged chunk
+    otherwise surfaces as a bare codec error from deep inside a dask task)."""
+
+    def __init__(self, arr, path: str):
+        self.arr, self.path = arr, path
+        self.shape, self.dtype, self.ndim = arr.shape, arr.dtype, arr.ndim
+
+    def __getitem__(self, sl):
+        try:
+            return self.arr[sl]
+        except Exception as exc:  # noqa: BLE001 - zarr and its codecs raise many types
+            raise _read_error(self.path, exc) from None
+
+
+def _read_error(path: str, exc: Exception) -> ValidationError:
+    return ValidationError(f"Could not read data from {path!r} ({type(exc).__name__}: {exc}); "
+                           "the file may be damaged or truncated.")
 
 
 def load_array(path: str, key: str | None = None, *, chunk_rows: int | None = None):
@@ -495,7 +569,9 @@ def load_array(path: str, key: str | None = None, *, chunk_rows: int | None = No
         if low.endswith(".zarr") or is_url(p):
             node = zarr.open(store=p, mode="r")
             arr = node[key] if isinstance(node, zarr.Group) else node
-            return da.from_zarr(arr)
+            return da.from_array(_ZarrRows(arr, p), chunks=arr.chunks, asarray=True,
+                                 name="zarr-" + dask.base.tokenize(p, key, arr.shape,
+                                                                   str(arr.dtype)))
     except (ValidationError, StoreError):
         raise
     except FileNotFoundError:

@@ -448,3 +448,92 @@ def test_small_floats_in_values_reach_swimdist_as_numbers(tmp_path):
     path.write_text(cm["data"]["job.yaml"])
     spec = service.load_spec(str(path))
     assert spec["model"]["rcond"] == 1e-8 and spec["model"]["alpha"] == 2.5e-12
+
+
+# --------------------------------------------------------------------------- TLS, dashboard
+TLS_VALUES = {"tls": {"enabled": True, "secretName": "dask-tls"}}
+TLS_FLAGS = ["--tls-ca-file", "/etc/dask/tls/ca.crt", "--tls-cert", "/etc/dask/tls/tls.crt",
+             "--tls-key", "/etc/dask/tls/tls.key"]
+
+
+def _flag_block(args: list[str]) -> list[str]:
+    i = args.index("--tls-ca-file")
+    return args[i:i + 6]
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_tls_release_lints_and_validates(kube_version):
+    report = helm.lint(CHART, TLS_VALUES, strict=True, kube_version=f"v{kube_version}")
+    assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == []
+    for obj in objects(render(TLS_VALUES)):
+        validate_k8s(obj, kube_version)
+
+
+def test_tls_certificates_reach_scheduler_workers_and_job():
+    rendered = render(TLS_VALUES)
+    (svc,) = by_kind(rendered, "Service")
+    address = f"tls://{svc['metadata']['name']}:8786"
+    pods = {d["metadata"]["name"].rsplit("-", 1)[-1]: d for d in by_kind(rendered, "Deployment")}
+    (job,) = by_kind(rendered, "Job")
+    pods["job"] = job
+    for name, obj in pods.items():
+        c, pod = container(obj), obj["spec"]["template"]["spec"]
+        assert _flag_block(c["args"]) == TLS_FLAGS, name
+        (mount,) = [m for m in c["volumeMounts"] if m["name"] == "dask-tls"]
+        assert mount == {"name": "dask-tls", "mountPath": "/etc/dask/tls", "readOnly": True}
+        (vol,) = [v for v in pod["volumes"] if v["name"] == "dask-tls"]
+        assert vol["secret"]["secretName"] == "dask-tls"
+        assert vol["secret"]["defaultMode"] == 0o440  # the key is not world-readable
+    sched = container(pods["scheduler"])["args"]
+    assert arg_value(sched, "--protocol") == "tls"
+    assert container(pods["worker"])["args"][2] == address  # dask worker <address>
+    assert arg_value(container(job)["args"], "--scheduler") == address
+    # probes stay on the dashboard's plain HTTP /health
+    assert container(pods["scheduler"])["livenessProbe"]["httpGet"]["path"] == "/health"
+
+
+def test_tls_off_by_default_and_extra_volumes_kept():
+    rendered = render({"worker": {"volumes": [{"name": "x", "emptyDir": {}}],
+                                  "volumeMounts": [{"name": "x", "mountPath": "/x"}]}})
+    text = json.dumps(objects(rendered))
+    assert "tls://" not in text and "--tls-" not in text and "dask-tls" not in text
+    rendered = render({**TLS_VALUES,
+                       "worker": {"volumes": [{"name": "x", "emptyDir": {}}],
+                                  "volumeMounts": [{"name": "x", "mountPath": "/x"}]},
+                       "scheduler": {"volumes": [{"name": "y", "emptyDir": {}}],
+                                     "volumeMounts": [{"name": "y", "mountPath": "/y"}]}})
+    for dep in by_kind(rendered, "Deployment"):
+        names = {v["name"] for v in dep["spec"]["template"]["spec"]["volumes"]}
+        assert "dask-tls" in names and names & {"x", "y"}
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"tls": {"enabled": True}}, r"tls.secretName is required"),
+    ({**TLS_VALUES, "daskJob": {"enabled": True}},
+     r"tls.enabled cannot be combined with daskJob.enabled"),
+])
+def test_tls_misconfiguration_rejected(values, message):
+    with pytest.raises(helm.HelmRenderError, match=message):
+        render(values)
+
+
+def test_tls_values_schema():
+    with pytest.raises(helm.HelmValuesError, match="/tls/mountPath"):
+        render({"tls": {"enabled": True, "secretName": "s", "mountPath": "relative"}})
+    with pytest.raises(helm.HelmValuesError, match="tls"):
+        render({"tls": {"enable": True}})
+
+
+@pytest.mark.parametrize("values", [None, TLS_VALUES], ids=["defaults", "tls"])
+def test_dashboard_not_exposed_outside_the_cluster_by_default(values):
+    rendered = render(values)
+    (svc,) = by_kind(rendered, "Service")
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert "http-dashboard" in {p["name"] for p in svc["spec"]["ports"]}
+    assert not any("nodePort" in p for p in svc["spec"]["ports"])
+    assert by_kind(rendered, "Ingress") == []
+    for obj in objects(rendered):
+        spec = obj.get("spec", {}).get("template", {}).get("spec", {})
+        assert not spec.get("hostNetwork")
+        for c in spec.get("containers", []):
+            assert not any("hostPort" in p for p in c.get("ports", []))

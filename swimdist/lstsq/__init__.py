@@ -129,3 +129,17 @@ register("lsrn")(_lsrn.solve_lsrn)
 from . import split as _split  # noqa: E402  (registers "split")
 
 register("split")(_split.solve_split)
+
+from . import normal as _normal  # noqa: E402  (registers "normal")
+from . import precond as _precond  # noqa: E402  (registers "sketch-direct")
+
+register("normal")(_normal.solve_normal)
+register("sketch-direct")(_precond.solve_sketch_direct)
+
+from . import auto as _auto  # noqa: E402  (registers "auto")
+
+register("auto")(_auto.solve_auto)
+
+from . import tiled as _tiled  # noqa: E402  (registers "normal-tiled")
+
+register("normal-tiled")(_tiled.solve_normal_tiled)

@@ -30,7 +30,7 @@ its coefficients are fixed in advance, so an iteration is the same one pass with
 data-dependent scalars. It stops after the a-priori count of :func:`chebyshev_iterations`
 (the error then fell by ``tol``), or earlier when the tests above hold (with
 ``||B|| = sigma_hi``: residual norms and ``B^T r`` come out of the pass anyway), and returns
-the best iterate.
+the best iterate (smallest ``||B^T r||``).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from dataclasses import dataclass
 
 import dask
 import dask.array as da
@@ -167,6 +168,7 @@ def _reduce_block(A_i, U_i):
     return out
 
 
+@dataclass
 class IterationOutcome:
     """What :func:`lsqr` and :func:`chebyshev` return.
 
@@ -175,22 +177,24 @@ class IterationOutcome:
     z : ndarray, shape (r, K)
         The iterate in preconditioned coordinates (``X = P z``).
     iterations : int
+        Iterations run (passes over ``A`` after the starting one).
     residual_history : list of float
         ``||[A; d I] X - [Y; 0]||_F / ||Y||_F`` after each iteration (from the recurrences);
         entry 0 is the starting point.
     rnorm : ndarray, shape (K,)
         Residual norm of every column at the returned iterate (recurrence value).
     converged : ndarray of bool, shape (K,)
+        Columns that met the stopping tests.
     stop_reason : str
+        ``"tolerance"``, ``"iteration limit"`` or ``"diverged"`` (Chebyshev).
     """
 
-    def __init__(self, z, iterations, residual_history, rnorm, converged, stop_reason):
-        self.z = z
-        self.iterations = iterations
-        self.residual_history = residual_history
-        self.rnorm = rnorm
-        self.converged = converged
-        self.stop_reason = stop_reason
+    z: np.ndarray
+    iterations: int
+    residual_history: list[float]
+    rnorm: np.ndarray
+    converged: np.ndarray
+    stop_reason: str
 
 
 def _check_iteration_args(op, Y, P, z0, tol, max_iter):
@@ -364,7 +368,7 @@ def chebyshev(
     Returns
     -------
     IterationOutcome
-        The iterate with the smallest residual of each column.
+        The iterate with the smallest ``||B^T r||`` of each column.
     """
     lo, hi = (float(b) for b in sigma_bounds)
     if not (0 < lo <= hi and np.isfinite(hi)):
@@ -379,10 +383,12 @@ def chebyshev(
     z = z0.copy()
     v = np.zeros_like(z0)
     rnorm = np.sqrt(rn2)
-    best_z, best_r = z.copy(), rnorm.copy()
     yF = max(float(np.linalg.norm(ynorm)), np.finfo(float).tiny)
     history = [float(np.linalg.norm(rnorm)) / yF]
     g = P.T @ (AtR + damp * r_aug)  # B^T r
+    # best iterate: smallest ||B^T r|| (proportional to the error; ||r|| stops telling iterates
+    # apart once it is near its least-squares minimum)
+    best_z, best_r, best_g = z.copy(), rnorm.copy(), np.linalg.norm(g, axis=0)
     converged = rnorm <= tol * ynorm
     r_start = float(np.linalg.norm(rnorm))
     k_pred = chebyshev_iterations(lo, hi, tol)
@@ -408,12 +414,14 @@ def chebyshev(
         r_aug = r_aug - (a * damp) * Pv
         rnorm = np.sqrt(rn2 + np.einsum("ij,ij->j", r_aug, r_aug))
         g = P.T @ (AtR + damp * r_aug)
-        better = rnorm < best_r
-        best_z[:, better], best_r[better] = z[:, better], rnorm[better]
+        gnorm = np.linalg.norm(g, axis=0)
+        better = gnorm < best_g
+        best_z[:, better] = z[:, better]
+        best_r[better], best_g[better] = rnorm[better], gnorm[better]
         history.append(float(np.linalg.norm(rnorm)) / yF)
         znorm = np.linalg.norm(z, axis=0)
         test1 = rnorm <= tol * ynorm + tol * hi * znorm
-        test2 = np.linalg.norm(g, axis=0) <= tol * (hi * rnorm + eps)
+        test2 = gnorm <= tol * (hi * rnorm + eps)
         # the a-priori count bounds the error reduction by tol; the tests may stop earlier
         # (test2 has a rounding floor of about eps * cond(A) when A is ill-conditioned)
         converged = converged | test1 | test2 | (it >= k_pred)

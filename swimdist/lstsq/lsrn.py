@@ -129,7 +129,9 @@ def solve_lsrn(
     nnz : int
         Nonzeros per column of the sparse-sign sketch.
     sketch_block_bytes : int or str, optional
-        Memory budget of the piece of ``S`` one task holds (e.g. ``"64MiB"``).
+        Memory budget of the piece of ``S`` one task (worker thread) holds, e.g. ``"64MiB"``
+        (default ``swimdist.solver.sketch-block-bytes`` if set, else 64 MiB). A task also holds
+        its (s, n + K) partial sum and its row block.
     persist : bool
         Keep ``A`` in worker memory for the iterations (dask input). With False every pass
         reads ``A`` from its source: use it when ``A`` is in a store and memory is short.
@@ -152,6 +154,8 @@ def solve_lsrn(
         raise ValidationError(
             f"Unknown lsrn_iterations {lsrn_iterations!r}; valid: {', '.join(ITERATIONS)}."
         )
+    if sketch_block_bytes is None:
+        sketch_block_bytes = config.get("solver.sketch-block-bytes", None)
     if isinstance(sketch_block_bytes, str):
         from dask.utils import parse_bytes
 
@@ -186,7 +190,7 @@ def solve_lsrn(
             "lsrn",
             rank=0,
             timings=timings,
-            info={"sketch": sketch, "s": s, "reason": "A is zero"},
+            info={"sketch": sketch, "s": s, "stop_reason": "the sketch of A is zero"},
         )
     sr = sig[:rank]
     scale = 1.0 / np.sqrt(sr**2 + alpha)

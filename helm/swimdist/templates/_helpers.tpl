@@ -77,7 +77,44 @@ imagePullSecrets:
 Scheduler address as seen from inside the cluster.
 */}}
 {{- define "swimdist.schedulerAddress" -}}
-{{- printf "tcp://%s-scheduler:%v" (include "swimdist.fullname" .) .Values.scheduler.servicePort -}}
+{{- printf "%s://%s-scheduler:%v" (ternary "tls" "tcp" .Values.tls.enabled) (include "swimdist.fullname" .) .Values.scheduler.servicePort -}}
+{{- end -}}
+
+{{/*
+Dask TLS (tls.enabled): the CA, certificate and key flags shared by `dask scheduler`,
+`dask worker` and `swimdist train`, and the read-only Secret volume they come from. The
+dask-kubernetes operator hands out tcp:// addresses, so TLS is refused with daskJob.enabled.
+*/}}
+{{- define "swimdist.tlsArgs" -}}
+{{- if .Values.tls.enabled -}}
+{{- if .Values.daskJob.enabled -}}
+{{- fail "tls.enabled cannot be combined with daskJob.enabled: the dask-kubernetes operator gives the job and the workers a tcp:// scheduler address. Use the batch Job (daskJob.enabled=false) for a TLS cluster." -}}
+{{- end -}}
+{{- $d := .Values.tls.mountPath | trimSuffix "/" }}
+- --tls-ca-file
+- {{ printf "%s/ca.crt" $d | quote }}
+- --tls-cert
+- {{ printf "%s/tls.crt" $d | quote }}
+- --tls-key
+- {{ printf "%s/tls.key" $d | quote }}
+{{- end -}}
+{{- end -}}
+
+{{- define "swimdist.tlsVolumes" -}}
+{{- if .Values.tls.enabled -}}
+- name: dask-tls
+  secret:
+    secretName: {{ required "tls.secretName is required when tls.enabled is true: a Secret with ca.crt, tls.crt and tls.key" .Values.tls.secretName | quote }}
+    defaultMode: 288
+{{- end -}}
+{{- end -}}
+
+{{- define "swimdist.tlsVolumeMounts" -}}
+{{- if .Values.tls.enabled -}}
+- name: dask-tls
+  mountPath: {{ .Values.tls.mountPath }}
+  readOnly: true
+{{- end -}}
 {{- end -}}
 
 {{/*
@@ -168,6 +205,11 @@ envFrom:
 - {{ .Values.scheduler.servicePort | quote }}
 - --dashboard-address
 - {{ printf ":%v" .Values.scheduler.dashboardPort | quote }}
+{{- if .Values.tls.enabled }}
+- --protocol
+- tls
+{{- include "swimdist.tlsArgs" . | nindent 0 }}
+{{- end }}
 {{- with .Values.scheduler.extraArgs }}
 {{ toYaml . }}
 {{- end }}
@@ -190,6 +232,9 @@ envFrom:
 {{- end }}
 - --dashboard-address
 - {{ printf ":%v" $.Values.worker.dashboardPort | quote }}
+{{- with include "swimdist.tlsArgs" $ }}
+{{- . | nindent 0 }}
+{{- end }}
 {{- with $.Values.worker.extraArgs }}
 {{ toYaml . }}
 {{- end }}
@@ -269,6 +314,9 @@ containers:
       - --scheduler
       - {{ include "swimdist.schedulerAddress" $ | quote }}
       {{- end }}
+      {{- with include "swimdist.tlsArgs" $ }}
+      {{- . | nindent 6 }}
+      {{- end }}
       {{- with $j.extraArgs }}
       {{- toYaml . | nindent 6 }}
       {{- end }}
@@ -283,6 +331,9 @@ containers:
         readOnly: true
       - name: data
         mountPath: {{ $.Values.storage.mountPath }}
+      {{- with include "swimdist.tlsVolumeMounts" $ }}
+      {{- . | nindent 6 }}
+      {{- end }}
       {{- with $j.volumeMounts }}
       {{- toYaml . | nindent 6 }}
       {{- end }}
@@ -304,6 +355,9 @@ volumes:
     {{- else }}
     emptyDir: {}
     {{- end }}
+  {{- with include "swimdist.tlsVolumes" $ }}
+  {{- . | nindent 2 }}
+  {{- end }}
   {{- with $j.volumes }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
