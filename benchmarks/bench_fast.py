@@ -159,12 +159,12 @@ def run_fit(solver: str, out: dict) -> dict:
                             random_seed=0,
                         ),
                     ),
-                    ("linear", Linear(regularization_scale=RCOND)),
+                    ("linear", Linear(regularization_scale=RCOND, is_classifier=True)),
                 ]
             )
-            model.fit(X, np.eye(10)[y])
+            model.fit(X, y)
             out["seconds"] = time.perf_counter() - t0
-            labels = np.asarray(model.transform(Xt)).argmax(axis=1)
+            labels = np.asarray(model.transform(Xt)).ravel()
         else:
             from swimdist import SWIMClassifier
 

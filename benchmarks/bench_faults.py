@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20000, help="training samples")
     ap.add_argument("--hidden", type=int, default=300, help="neurons")
     ap.add_argument("--blocks", type=int, default=8, help="row blocks of the feature matrix")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs of every worker fault and of the undisturbed fit (medians)")
     args = ap.parse_args()
 
     from distributed import Client, LocalCluster
@@ -70,9 +72,10 @@ def main() -> None:
         ref, ref_t = {}, {}
         for solver in options:
             fit(solver, os.path.join(tmp, f"warm-{solver}"))  # imports, worker warm-up
-            runs = [fit(solver, os.path.join(tmp, f"ref-{solver}-{r}")) for r in range(3)]
+            runs = [fit(solver, os.path.join(tmp, f"ref-{solver}-{r}"))
+                    for r in range(args.repeats)]
             ref[solver] = runs[0][0]
-            ref_t[solver] = float(np.median([t for _, t in runs]))
+            ref_t[solver] = [t for _, t in runs]
         iters = ref["lsrn"].fit_info_["iterations"]
         cases = [
             ("worker SIGKILL", "feature generation (block 3)", "_write_block", 3, "lsrn",
@@ -86,22 +89,27 @@ def main() -> None:
              "lsrn", "memory"),
         ]
         for i, (fault, stage, function, nth, solver, action) in enumerate(cases):
-            state = os.path.join(tmp, f"fault-{i}")
-            client.register_plugin(TaskFault(function, nth, state, action=action),
-                                   name="fault")
-            try:
-                est, t = fit(solver, os.path.join(tmp, f"store-{i}"))
-                done = "yes"
-            except Exception as exc:  # noqa: BLE001 - reported in the table
-                est, t, done = None, float("nan"), f"NO ({type(exc).__name__})"
-            finally:
-                client.unregister_worker_plugin("fault")
-            fired = fault_fired(state) is not None
-            ok, diff = same(est.coef_, ref[solver].coef_) if est is not None else ("-", np.nan)
-            table.append([fault, stage, solver, "yes" if fired else "NOT FIRED", done,
-                          f"{ok} ({diff:.1e})", f"{t - ref_t[solver]:+.2f} s",
-                          f"{ref_t[solver]:.2f} s", ""])
-            client.wait_for_workers(3, timeout=120)
+            times, fired, done, diff = [], 0, "yes", 0.0
+            for r in range(args.repeats):
+                state = os.path.join(tmp, f"fault-{i}-{r}")
+                client.register_plugin(TaskFault(function, nth, state, action=action),
+                                       name="fault")
+                try:
+                    est, t = fit(solver, os.path.join(tmp, f"store-{i}-{r}"))
+                    times.append(t)
+                    diff = max(diff, float(np.abs(est.coef_ - ref[solver].coef_).max()))
+                except Exception as exc:  # noqa: BLE001 - reported in the table
+                    done = f"NO ({type(exc).__name__})"
+                finally:
+                    client.unregister_worker_plugin("fault")
+                fired += fault_fired(state) is not None
+                client.wait_for_workers(3, timeout=120)
+            base = float(np.median(ref_t[solver]))
+            table.append([fault, stage, solver, f"{fired}/{args.repeats}", done,
+                          f"{'yes' if diff <= 1e-10 else 'NO'} ({diff:.1e})",
+                          f"{np.median(times) - base:+.2f} s" if times else "-",
+                          f"{base:.2f} s ({min(ref_t[solver]):.2f}-{max(ref_t[solver]):.2f})",
+                          ""])
 
     # ---------------------------------------------------------------- scheduler, client
     def spec(address, out, store):
@@ -141,7 +149,7 @@ def main() -> None:
         ok, diff = same(load_model(os.path.join(out, "model.npz")).coef_, ref_coef)
         b = status["fit_info"]["blocks"]
         table.append(["scheduler SIGKILL", "feature generation (block 4)", "lsrn",
-                      "yes" if fault_fired(os.path.join(tmp, "f-sched")) else "NOT FIRED",
+                      "1/1" if fault_fired(os.path.join(tmp, "f-sched")) else "0/1",
                       "rerun: yes", f"{ok} ({diff:.1e})", f"{total - base:+.2f} s",
                       f"{base:.2f} s", f"job: {first}; rerun reused {b['reused']}/"
                       f"{b['blocks']} blocks"])
@@ -167,7 +175,7 @@ def main() -> None:
         ok, diff = same(load_model(os.path.join(out, "model.npz")).coef_, ref_coef)
         b = status["fit_info"]["blocks"]
         table.append(["client SIGTERM", "feature generation (block 4)", "lsrn",
-                      "yes" if fault_fired(os.path.join(tmp, "f-client")) else "NOT FIRED",
+                      "1/1" if fault_fired(os.path.join(tmp, "f-client")) else "0/1",
                       "rerun: yes", f"{ok} ({diff:.1e})", f"{total - base:+.2f} s",
                       f"{base:.2f} s", f"exit {proc.returncode}, status {first}; rerun "
                       f"reused {b['reused']}/{b['blocks']} blocks"])
@@ -176,9 +184,10 @@ def main() -> None:
                 f"blocks, 3 single-threaded workers ({os.cpu_count()} cores)",
                 ["fault", "stage", "solver", "fired", "completed", "same model (max |dC|)",
                  "extra time", "undisturbed", "notes"], table)
-    print("\nUndisturbed: median of 3 fits. Extra time for scheduler/client loss: failed run + "
-          "rerun - one undisturbed job (the client rerun runs in-process, without the CLI's "
-          "start-up; the scheduler restart is not counted).")
+    print(f"\nWorker faults: extra time = median of {args.repeats} faulted fits - median of "
+          f"{args.repeats} undisturbed fits (range in brackets). Scheduler/client loss: failed "
+          "run + rerun - one undisturbed job (the client rerun runs in-process, without the "
+          "CLI's start-up; the scheduler restart is not counted).")
 
 
 if __name__ == "__main__":

@@ -62,10 +62,15 @@ def hidden_features(X, layers: list[Layer], *, columns=None, dtype="float64",
         X = da.from_array(np.asarray(X), chunks=(block_rows(n_out, dtype, chunk_rows), -1))
     elif len(X.chunks[1]) != 1:
         X = X.rechunk({1: -1})
-    params = dask.delayed(list(layers), pure=True)
-    cols = None if columns is None else np.asarray(columns)
+    layers = list(layers)
+    if columns is not None:
+        # Slice here, so only this block's weights and biases travel to the workers.
+        cols = np.asarray(columns)
+        last = layers[-1]
+        layers[-1] = Layer(last.weights[:, cols], last.biases[cols], last.activation)
+    params = dask.delayed(layers, pure=True)
     return X.map_blocks(
-        _forward, params, cols, dtype, add_bias,
+        _forward, params, None, dtype, add_bias,
         chunks=(X.chunks[0], (n_out,)), dtype=dtype, meta=np.empty((0, 0), dtype),
     )
 

@@ -39,10 +39,14 @@ def test_float32_tiles_without_refinement_are_less_accurate():
     assert r2.relative_residual < r0.relative_residual / 2
 
 
-def test_needs_store_or_memory():
-    A = da.ones((10, 3), chunks=(5, 3))
-    with pytest.raises(ValidationError, match="needs the feature store"):
-        solve(A, np.ones(10), method="normal-tiled")
+def test_dask_input_without_store_streams_row_blocks():
+    p = make_lstsq_problem(600, 40, cond=1e3, n_rhs=2, noise=0.1, seed=2)
+    ref = solve(p["A"], p["Y"], method="normal-tiled", tile=9)
+    r = solve(da.from_array(p["A"], chunks=(128, 40)), p["Y"], method="normal-tiled", tile=9)
+    np.testing.assert_allclose(r.solution, ref.solution, rtol=1e-9, atol=1e-12)
+
+
+def test_bad_tile():
     with pytest.raises(ValidationError, match="tile must be between"):
         solve(np.eye(3), np.ones(3), method="normal-tiled", tile=9000)
 

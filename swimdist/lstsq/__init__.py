@@ -88,14 +88,25 @@ def solve(A, Y, method: str = "direct", *, rcond: float = 1e-10, alpha: float = 
         raise ValidationError(f"rcond must be a finite number >= 0; got {rcond!r}.")
     if not np.isfinite(alpha) or alpha < 0:
         raise ValidationError(f"alpha must be a finite number >= 0; got {alpha!r}.")
+    if getattr(A, "dtype", None) is not None and np.dtype(A.dtype).kind == "c":
+        raise ValidationError(f"A has complex dtype {A.dtype}; complex data is not supported.")
     if not is_dask(A):
         A = np.asarray(A)
-        if not np.issubdtype(A.dtype, np.floating):
-            A = A.astype(np.float64)
+        if A.dtype.kind == "c":
+            raise ValidationError(f"A has complex dtype {A.dtype}; complex data is not supported.")
+        if A.dtype not in (np.float32, np.float64):
+            try:
+                A = A.astype(np.float64)
+            except (TypeError, ValueError) as exc:
+                raise ValidationError(f"A has dtype {A.dtype} holding values that are not "
+                                      f"numbers: {exc}") from None
         if not np.isfinite(A).all():
             raise ValidationError("A contains NaN or infinity.")
     if not is_dask(Y):
-        Y = np.asarray(Y, dtype=np.float64)
+        try:
+            Y = np.asarray(Y, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValidationError(f"Y holds values that are not real numbers: {exc}") from None
         if not np.isfinite(Y).all():
             raise ValidationError("Y contains NaN or infinity.")
     Y2 = Y if y_ndim == 2 else Y[:, None]

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from ..exceptions import ValidationError
 from ._common import is_dask, svd_solve
 from .result import LstsqResult
 
@@ -22,6 +23,8 @@ def solve_direct(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, **_ignored) 
     A = A.compute() if is_dask(A) else np.asarray(A)
     Y = Y.compute() if is_dask(Y) else np.asarray(Y)
     t1 = time.perf_counter()
+    if not (np.isfinite(A).all() and np.isfinite(Y).all()):
+        raise ValidationError("A or Y contains NaN or infinity.")
     if alpha == 0:
         X, res, rank, s = np.linalg.lstsq(A, Y, rcond=rcond)
         rank = int(rank)

