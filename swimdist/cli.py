@@ -28,7 +28,8 @@ _DATA_OPTIONS = [
     click.option("--data-dir", default=None, help="mnist: directory with the IDX files."),
     click.option("--download/--no-download", default=None,
                  help="mnist: download missing files (checksummed)."),
-    click.option("--input", "path", default=None, help="file: training data (.npy/.npz/.h5/.zarr)."),
+    click.option("--input", "path", default=None,
+                 help="file: training data (.npy/.npz/.h5/.zarr)."),
     click.option("--test-input", "test_path", default=None, help="file: held-out data."),
     click.option("--x-key", default=None, help="file: name of the inputs array."),
     click.option("--y-key", default=None, help="file: name of the targets array."),
@@ -97,7 +98,8 @@ class _EchoHandler(logging.Handler):
 @click.option("--feature-dtype", type=click.Choice(["float64", "float32"]), default=None)
 @click.option("--distinct/--with-replacement", "distinct", default=None,
               help="Draw distinct neuron pairs (no duplicate neurons).")
-@click.option("--store", default=None, help="Feature store path or fsspec URL (default: temporary).")
+@click.option("--store", default=None,
+              help="Feature store path or fsspec URL (default: temporary).")
 @click.option("--store-format", type=click.Choice(["zarr", "npy"]), default=None,
               help="Feature store format (npy: memory-mapped files, local disks).")
 @click.option("--output", "-o", default=None, help="Output directory (model, status, metrics).")
@@ -222,7 +224,8 @@ def evaluate(model_path, scheduler, **kw) -> None:
 @click.option("--model", "model_path", required=True, help="A model.npz written by train.")
 @click.option("--input", "input_path", required=True, help=".npy/.npz/.h5/.zarr inputs.")
 @click.option("--x-key", default="X", help="Array name inside .npz/.h5/.zarr.")
-@click.option("--output", "-o", "output_path", required=True, help="Where to write predictions (.npy).")
+@click.option("--output", "-o", "output_path", required=True,
+              help="Where to write predictions (.npy).")
 def predict(model_path, input_path, x_key, output_path) -> None:
     """Predict with a saved model and write the predictions as .npy."""
     from .estimators import load_model

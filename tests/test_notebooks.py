@@ -4,7 +4,6 @@ import os
 import pathlib
 
 import pytest
-
 from conftest import mnist_dir
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))

@@ -40,6 +40,7 @@ def solve_direct(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, **_ignored) 
         rank=rank,
         residual_norm=resid,
         timings={"gather": t1 - t0, "solve": t2 - t1},
-        info={"driver": "gelsd" if alpha == 0 else "gesdd", "sigma_max": float(s[0]) if s.size else 0.0,
+        info={"driver": "gelsd" if alpha == 0 else "gesdd",
+              "sigma_max": float(s[0]) if s.size else 0.0,
               "sigma_min_kept": float(s[rank - 1]) if rank else 0.0},
     )

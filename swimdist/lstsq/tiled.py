@@ -89,6 +89,34 @@ def _tile_task(source, Y, n_feat, bias, N, rows, p, q, gram_dtype) -> np.ndarray
     return acc
 
 
+def blocked_cholesky(G: np.ndarray, block: int = 4000) -> np.ndarray:
+    """Upper Cholesky factor ``R`` (``G = R^T R``) computed in place in ``G``'s upper triangle.
+
+    LAPACK's potrf updates the trailing matrix with SYRK, and the multithreaded SYRK of the
+    OpenBLAS in current numpy/scipy wheels (0.3.31) segfaults once the update is about
+    16 000 wide; this right-looking blocked version factors ``block``-sized diagonal blocks
+    with potrf, solves panels with trsm and updates the trailing matrix with GEMM in column
+    tiles, so no BLAS call sees more than ``2 * block`` columns. The lower triangle is left
+    as it was (callers use the upper one only). Raises ``LinAlgError`` if not positive
+    definite.
+    """
+    n = G.shape[0]
+    for k0 in range(0, n, block):
+        k1 = min(n, k0 + block)
+        R_kk, info = sla.lapack.dpotrf(G[k0:k1, k0:k1], lower=0, clean=1, overwrite_a=0)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"matrix is not positive definite (block at {k0})")
+        G[k0:k1, k0:k1] = R_kk
+        if k1 == n:
+            break
+        panel = sla.blas.dtrsm(1.0, R_kk, G[k0:k1, k1:], side=0, lower=0, trans_a=1)
+        G[k0:k1, k1:] = panel
+        for c0 in range(k1, n, block):  # trailing upper triangle, one column tile at a time
+            c1 = min(n, c0 + block)
+            G[k1:c1, c0:c1] -= panel[:, :c1 - k1].T @ panel[:, c0 - k1:c1 - k1]
+    return G
+
+
 def _refine_pass(A, Yd, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``A^T (Y - A x)`` and the squared residual norm of every column, in one float64 pass
     over ``A``."""
@@ -202,7 +230,7 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
     Gaa[d] += lam
     try:
         # In place: the Gram matrix is the biggest object here; no second copy.
-        factor = sla.cho_factor(Gaa, lower=False, overwrite_a=True, check_finite=False)
+        factor = (blocked_cholesky(Gaa, block=2000), False)
     except np.linalg.LinAlgError:
         raise ValidationError(
             f"normal-tiled: A^T A + {lam:.3g} I is not positive definite (the Gram matrix "
