@@ -148,7 +148,7 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
         ``feature_store``, for the tiles).
     Y : ndarray (N, K)
     rcond : float
-        Sets the default ridge (``ridge = rcond`` for float64 tiles, ``max(rcond, 1e-6)`` for
+        Sets the default ridge (``ridge = rcond`` for float64 tiles, ``max(rcond, 1e-4)`` for
         float32 tiles), relative to ``trace(A^T A) / n``.
     alpha : float
         Tikhonov damping; the larger of ``alpha`` and the ridge is used.
@@ -224,7 +224,7 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
     Gaa = G[:na, :na]
     scale = float(np.trace(Gaa, dtype=np.float64)) / na if na else 1.0
     if ridge is None:
-        ridge = rcond if gdt == np.float64 else max(rcond, 1e-6)
+        ridge = rcond if gdt == np.float64 else max(rcond, 1e-4)
     lam = max(float(alpha), ridge * scale)
     d = np.diag_indices(na)
     Gaa[d] += lam
