@@ -135,7 +135,9 @@ def choose(
     a_bytes = 8.0 * N * n
     small = N * n <= small_entries
     fits = (a_bytes if in_memory else 2 * a_bytes) <= direct_fraction * mem
-    gather_ok = in_memory or small or n_workers <= 1
+    # Gathering from several workers is cheap below a few hundred MB (the sine problem's
+    # 40 MB A: gelsd in 1 s beats any distributed pass there).
+    gather_ok = in_memory or small or n_workers <= 1 or a_bytes <= 2**28
     if (small or N < tall_ratio * n) and fits and gather_ok:
         why = (
             f"A is small ({N} x {n})"
