@@ -25,14 +25,14 @@ import numpy as np
 import pytest
 
 from swimdist import SWIMRegressor, load_model, storage
-
-# Each test starts a 3-process cluster and kills or restarts workers: about 3 minutes in all
-# on 2 cores, and worker restarts are at the mercy of the machine's load. Run with -m slow.
-pytestmark = pytest.mark.slow
 from swimdist.datasets import sine
 from swimdist.exceptions import SchedulerError
 from swimdist.service import load_spec, run_job
 from swimdist.testing import ProcessCluster, TaskFault, fault_fired
+
+# Each test starts a 3-process cluster and kills or restarts workers: about 3 minutes in all
+# on 2 cores, and worker restarts are at the mercy of the machine's load. Run with -m slow.
+pytestmark = pytest.mark.slow
 
 N, HIDDEN, ROWS = 1000, 40, 125  # 8 row blocks
 N_BLOCKS = N // ROWS
