@@ -59,12 +59,14 @@ def run_measured(cmd: list[str]) -> tuple[float, int, subprocess.CompletedProces
                                                                       out, err)
 
 
-def swimdist_case(width: int, budget: str, solver: str, options: list[str], workdir: str):
+def swimdist_case(width: int, budget: str, solver: str, options: list[str], workdir: str,
+                  store_format: str = "npy", feature_dtype: str = "float32"):
     out = os.path.join(workdir, f"out-{width}")
     store = os.path.join(workdir, f"store-{width}")
     cmd = [sys.executable, "-m", "swimdist.cli", "train", "--dataset", "mnist", "--data-dir",
            mnist_dir(), "--hidden", str(width), "--distinct", "--memory-limit", budget,
-           "--store", store, "--solver", solver, "-o", out]
+           "--store", store, "--store-format", store_format, "--feature-dtype", feature_dtype,
+           "--solver", solver, "-o", out]
     for o in options:
         cmd += ["--solver-option", o]
     wall, peak, r = run_measured(cmd)
@@ -75,7 +77,8 @@ def swimdist_case(width: int, budget: str, solver: str, options: list[str], work
     shutil.rmtree(store, ignore_errors=True)
     return {"wall": wall, "fit": m["timings"]["total"], "peak": peak,
             "test": m["test"]["error_pct"], "train": m["train"]["error_pct"],
-            "timings": m["timings"], "solver": m["solver"], "stderr": r.stderr}
+            "timings": m["timings"], "solver": m["solver"], "stderr": r.stderr,
+            "solver_timings": m.get("solver_timings", {}), "iterations": m.get("iterations")}
 
 
 REF = """
@@ -112,20 +115,28 @@ def main():
     ap.add_argument("--solver-option", action="append", default=[])
     ap.add_argument("--compare4000", action="store_true")
     ap.add_argument("--workdir", default=None, help="where the feature stores go")
+    ap.add_argument("--store-format", default="npy", choices=["npy", "zarr"])
+    ap.add_argument("--feature-dtype", default="float32", choices=["float32", "float64"])
     a = ap.parse_args()
     t_all = time.perf_counter()
     workdir = a.workdir or tempfile.mkdtemp(prefix="swimdist-bench-")
     rows = []
     for w in a.widths:
-        r = swimdist_case(w, a.budget, a.solver, a.solver_option, workdir)
+        r = swimdist_case(w, a.budget, a.solver, a.solver_option, workdir, a.store_format,
+                          a.feature_dtype)
         t = r["timings"]
         rows.append([f"swimdist M={w}", a.budget, f"{r['fit']:.0f}", f"{r['wall']:.0f}",
                      gb(r["peak"]), f"{r['train']:.2f}", f"{r['test']:.2f}",
                      f"{r['solver']}: sample {t['sample']:.0f} s, features "
-                     f"{t['features']:.0f} s, solve {t['solve']:.0f} s"])
-        print("\n".join(line for line in r["stderr"].splitlines() if "auto" in line))
+                     f"{t['features']:.0f} s, solve {t['solve']:.0f} s ("
+                     + ", ".join(f"{k} {v:.0f} s" for k, v in r["solver_timings"].items()
+                                 if k != "total")
+                     + f"; {r['iterations']} iterations)"])
+        print("\n".join(line for line in r["stderr"].splitlines()
+                        if "auto" in line or "normal-tiled" in line), flush=True)
     if a.compare4000:
-        r = swimdist_case(4000, "2GB", a.solver, a.solver_option, workdir)
+        r = swimdist_case(4000, "2GB", a.solver, a.solver_option, workdir, a.store_format,
+                          a.feature_dtype)
         t = r["timings"]
         rows.append(["swimdist M=4000", "2GB", f"{r['fit']:.0f}", f"{r['wall']:.0f}",
                      gb(r["peak"]), f"{r['train']:.2f}", f"{r['test']:.2f}",

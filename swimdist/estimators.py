@@ -20,11 +20,12 @@ import dask
 import dask.array as da
 import numpy as np
 
-from . import storage
+from . import config, storage
 from .activations import get_activation
 from .exceptions import DataConversionWarning, NotFittedError, ValidationError
 from .features import add_bias_column, block_rows, hidden_features
 from .lstsq import get_solver, solve
+from .lstsq._common import blas_for_local_threads
 from .sampling import SAMPLERS, Layer, sample_layers
 from .validation import (
     check_hidden_layer_sizes,
@@ -50,6 +51,44 @@ def _remote_client():
     from distributed import LocalCluster
 
     return None if isinstance(client.cluster, LocalCluster) else client
+
+
+def _fits_in_memory(n_rows: int, n_cols: int, dtype) -> bool:
+    """Whether the feature matrix takes at most a quarter of the memory a fit may use: the
+    ``swimdist.memory-budget``, else the workers' memory limits on a local cluster, else the
+    memory available now. The rest is room for the solve (gelsd copies ``A`` twice)."""
+    need = n_rows * n_cols * np.dtype(dtype).itemsize
+    budget = config.get("memory-budget")
+    if budget is not None:
+        return need <= dask.utils.parse_bytes(budget) / 4
+    try:
+        from distributed import get_client
+
+        workers = get_client().scheduler_info().get("workers", {})
+        limits = [w.get("memory_limit") or 0 for w in workers.values()]
+        if workers and all(limits):
+            return need <= sum(limits) / 4
+    except (ImportError, ValueError):
+        pass
+    import psutil
+
+    return need <= psutil.virtual_memory().available / 4
+
+
+def _row_blocks(X: np.ndarray, rows: int) -> da.Array:
+    """In-memory ``X`` as a dask array of ``rows``-row blocks. With a distributed client the
+    blocks are scattered straight to the workers: embedded in the graph, they would pass
+    through the scheduler, which keeps a copy of X for as long as the graph lives."""
+    try:
+        from distributed import get_client
+
+        client = get_client()
+    except (ImportError, ValueError):
+        return da.from_array(X, chunks=(rows, -1))
+    parts = [X[r:r + rows] for r in range(0, X.shape[0], rows)]
+    futures = client.scatter(parts, hash=False)  # equal data of two fits must not share keys
+    return da.concatenate([da.from_delayed(f, shape=p.shape, dtype=p.dtype)
+                           for f, p in zip(futures, parts, strict=True)])
 
 
 def _forward_numpy(X: np.ndarray, layers: list[Layer], coef, intercept, rows: int = 8192):
@@ -193,8 +232,7 @@ class _SWIMBase:
 
         M = layers[-1].width
         rows = block_rows(M + 1, dtype, self.chunk_rows)
-        Xd = X.rechunk((rows, -1)) if isinstance(X, da.Array) else da.from_array(
-            X, chunks=(rows, -1))
+        Xd = X.rechunk((rows, -1)) if isinstance(X, da.Array) else _row_blocks(X, rows)
         if isinstance(X, da.Array) and (
             len(set(Xd.chunks[0][:-1])) > 1 or Xd.chunks[0][-1] > Xd.chunks[0][0]
         ):
@@ -202,7 +240,7 @@ class _SWIMBase:
 
         store, temporary = self.store, False
         if store is None:
-            if _remote_client() is not None:
+            if _remote_client() is not None or _fits_in_memory(X.shape[0], M + 1, dtype):
                 store = "memory"
             else:
                 store, temporary = storage.temporary_store_path(), True
@@ -215,27 +253,36 @@ class _SWIMBase:
                 Xd = Xd if isinstance(X, da.Array) else Xd.persist()
                 H = hidden_features(Xd, layers, dtype=dtype)
             elif store == "memory":
-                H = hidden_features(Xd, layers, dtype=dtype).persist()
+                with blas_for_local_threads():
+                    A = hidden_features(Xd, layers, dtype=dtype, add_bias=True).persist()
             else:
                 if not temporary:
                     lock = storage.StoreLock(str(store)).acquire()
                 fp = storage.fingerprint_job(x=storage.fingerprint_array(X), layers=layers,
                                              dtype=dtype.str, rows=rows)
-                H, info["blocks"] = storage.build_feature_store(Xd, layers, str(store),
-                                                                fingerprint=fp, dtype=dtype)
+                with blas_for_local_threads():
+                    H, info["blocks"] = storage.build_feature_store(
+                        Xd, layers, str(store), fingerprint=fp, dtype=dtype)
             t2 = time.perf_counter()
-            A = add_bias_column(H)
+            if store != "memory" or self.solver == "split":
+                A = add_bias_column(H)
             opts = {"seed": p["seed"], **p["options"]}
+            checkpoint = None
             if self.solver in ("normal-tiled", "auto") and "blocks" in info:
                 # Column-tile readers go straight to the store (see lstsq/tiled.py).
                 opts["feature_store"] = (str(store), storage.store_backend(str(store)).kind,
                                          rows)
+                if not temporary:  # an interrupted solve resumes from here
+                    checkpoint = storage.SolveCheckpoint.for_store(str(store), fp)
+                    opts["checkpoint"] = checkpoint
             if self.solver == "split":
                 opts.update(intercept=True,
                             column_norms=np.linalg.norm(layers[-1].weights, axis=0),
                             block_features=lambda cols: hidden_features(Xd, layers, columns=cols,
                                                                         dtype=dtype))
             res = solve(A, Y, method=self.solver, rcond=p["rcond"], alpha=p["alpha"], **opts)
+            if checkpoint is not None:
+                checkpoint.remove()
         finally:
             if lock is not None:
                 lock.release()
@@ -341,8 +388,11 @@ class SWIMRegressor(_SWIMBase):
     chunk_rows : int or None
         Rows per feature block (default from ``swimdist.chunk-rows`` and the block budget).
     store : None, "memory", or a path / fsspec URL
-        Where the feature matrix lives: None = a temporary local Zarr store deleted after
-        ``fit``; a path keeps a resumable store there.
+        Where the feature matrix lives. None: in memory (the workers' memory on a cluster)
+        when it takes at most a quarter of the memory budget (``swimdist.memory-budget``,
+        else the workers' limits, else the available memory), otherwise a temporary local
+        Zarr store deleted after ``fit``. "memory": always in memory. A path or URL keeps a
+        resumable store there (see :mod:`swimdist.storage`).
     feature_dtype : {"float64", "float32"}
     replace : bool
         Draw neuron pairs with replacement (the reference) or distinct pairs.

@@ -12,6 +12,7 @@ import dask.array as da
 import numpy as np
 
 from . import config
+from .activations import get_activation
 from .sampling import Layer
 
 
@@ -20,7 +21,9 @@ def block_rows(n_cols: int, dtype, chunk_rows: int | None = None) -> int:
     block of ``n_cols`` columns stays under ``swimdist.max-block-bytes``."""
     rows = int(chunk_rows or config.get("chunk-rows"))
     budget = dask.utils.parse_bytes(config.get("max-block-bytes"))
-    per_row = max(1, n_cols) * np.dtype(dtype).itemsize
+    itemsize = np.dtype(dtype).itemsize
+    # blocks are computed in float64 and then cast: count both while both exist
+    per_row = max(1, n_cols) * (8 + (itemsize if itemsize != 8 else 0))
     return max(1, min(rows, budget // per_row))
 
 
@@ -30,6 +33,17 @@ def _forward(x: np.ndarray, params, columns, dtype, add_bias: bool) -> np.ndarra
     for li, layer in enumerate(params):
         if li == len(params) - 1 and columns is not None:
             layer = Layer(layer.weights[:, columns], layer.biases[columns], layer.activation)
+        if li == len(params) - 1 and add_bias and np.dtype(dtype) == np.float64:
+            # Write the last layer straight into the block with its bias column: the same
+            # arithmetic as ``Layer.apply``, without concatenating a copy afterwards.
+            width = layer.weights.shape[1]
+            out = np.empty((z.shape[0], width + 1))
+            h = out[:, :width]
+            np.matmul(z, layer.weights, out=h)
+            h += layer.biases
+            get_activation(layer.activation).fn(h)
+            out[:, width] = 1.0
+            return out
         z = layer.apply(z)
     if add_bias:
         z = np.concatenate([z, np.ones((z.shape[0], 1))], axis=1)

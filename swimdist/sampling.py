@@ -138,14 +138,21 @@ def sample_layers(X, Y: np.ndarray | None, hidden_layer_sizes, *, activation: st
             _, first = np.unique(i_from.astype(np.int64) * n + i_to, return_index=True)
             first.sort()
             i_from, i_to = i_from[first], i_to[first]
-        rows = np.unique(np.concatenate([i_from, i_to]))
-        Z = _gather_rows(X, rows)
-        for prev in layers:
-            Z = prev.apply(Z)
-        pos_from = np.searchsorted(rows, i_from)
-        pos_to = np.searchsorted(rows, i_to)
-        dz = Z[pos_to] - Z[pos_from]
-        dist = np.maximum(np.linalg.norm(dz, axis=1), DIST_MIN)
+        if li == 0 and isinstance(X, np.ndarray) and X.dtype == np.float64:
+            Z, pos_from, pos_to = X, i_from, i_to  # no copy of the drawn rows
+        else:
+            rows = np.unique(np.concatenate([i_from, i_to]))
+            Z = _gather_rows(X, rows)
+            for prev in layers:
+                Z = prev.apply(Z)
+            pos_from = np.searchsorted(rows, i_from)
+            pos_to = np.searchsorted(rows, i_to)
+        # Distances in slices of candidates: row norms do not depend on the slicing, and
+        # no (candidates x d) difference matrix is ever whole.
+        dist = np.empty(len(pos_from))
+        for c in range(0, len(pos_from), 8192):
+            dz = Z[pos_to[c:c + 8192]] - Z[pos_from[c:c + 8192]]
+            dist[c:c + 8192] = np.maximum(np.linalg.norm(dz, axis=1), DIST_MIN)
         del dz
         dy = None
         if Y is not None:

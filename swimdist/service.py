@@ -394,7 +394,10 @@ def run_job(spec: dict, *, performance_report: str | None = None, progress: bool
         metrics = {"train": evaluate(est, X, y, task), "timings": est.timings_,
                    "solver": est.fit_info_.get("solver"),
                    "relative_residual": est.fit_info_.get("relative_residual"),
-                   "rank": est.fit_info_.get("rank")}
+                   "rank": est.fit_info_.get("rank"),
+                   "iterations": est.fit_info_.get("iterations"),
+                   "solver_timings": {k: round(float(v), 3)
+                                      for k, v in est.solve_result_.timings.items()}}
         if Xt is not None:
             metrics["test"] = evaluate(est, Xt, yt, task)
         status.update(phase="saving", metrics=metrics)

@@ -34,6 +34,8 @@ from . import config
 from .exceptions import StoreError, ValidationError
 from .sampling import Layer
 
+logger = logging.getLogger("swimdist.storage")
+
 STORE_FORMAT = "swimdist.feature-store"
 STORE_VERSION = 1
 MODEL_FORMAT = "swimdist.model"
@@ -424,6 +426,103 @@ def remove_store(url: str) -> None:
     if not is_url(url):
         shutil.rmtree(_local(url), ignore_errors=True)
 
+
+
+# --------------------------------------------------------------------------- solve checkpoints
+def save_npy_atomic(directory: str, name: str, arr: np.ndarray) -> str:
+    """Write ``arr`` as ``<directory>/<name>.npy`` atomically (a temporary file moved over
+    the target); returns the path. Runs on workers too (local or shared filesystems)."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, name + ".npy")
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+class SolveCheckpoint:
+    """Intermediate results of a solve kept beside a local feature store (``<store>.solve``),
+    so that a solve interrupted by Ctrl-C, a killed process or a lost machine resumes.
+
+    The directory records what it belongs to (the store's job fingerprint plus the solver's
+    parameters, see :meth:`open`); a checkpoint of any other job or parameters is discarded,
+    never mixed in. Files are written atomically and read without unpickling; an unreadable
+    one counts as missing. :meth:`remove` deletes it once the model is safe.
+    """
+
+    def __init__(self, path: str, fingerprint: str):
+        self.path = os.path.abspath(path)
+        self.fingerprint = fingerprint
+
+    @classmethod
+    def for_store(cls, url: str, fingerprint: str) -> SolveCheckpoint | None:
+        """The checkpoint of a local store (None for fsspec URLs)."""
+        if is_url(url):
+            return None
+        return cls(_local(url).rstrip("/\\") + ".solve", fingerprint)
+
+    def open(self, params: dict) -> SolveCheckpoint:
+        """Use the directory for ``params``: keep what it has if it was written for the same
+        store fingerprint and parameters, else empty it first."""
+        key = {"fingerprint": self.fingerprint, **{k: params[k] for k in sorted(params)}}
+        meta = os.path.join(self.path, "checkpoint.json")
+        try:
+            with open(meta) as f:
+                same = json.load(f) == json.loads(json.dumps(key))
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            if os.path.isdir(self.path):
+                logger.info("discarding the solve checkpoint in %s (another job or other "
+                            "parameters)", self.path)
+            shutil.rmtree(self.path, ignore_errors=True)
+            os.makedirs(self.path, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.path)
+            with os.fdopen(fd, "w") as f:
+                json.dump(key, f)
+            os.replace(tmp, meta)
+        return self
+
+    def save_npy(self, name: str, arr: np.ndarray) -> str:
+        return save_npy_atomic(self.path, name, arr)
+
+    def load_npy(self, name: str) -> np.ndarray | None:
+        try:
+            return np.load(os.path.join(self.path, name + ".npy"), allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return None
+
+    def save(self, name: str, **arrays: np.ndarray) -> None:
+        os.makedirs(self.path, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=self.path)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(self.path, name + ".npz"))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def load(self, name: str) -> dict[str, np.ndarray] | None:
+        try:
+            with np.load(os.path.join(self.path, name + ".npz"), allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, KeyError):
+            return None
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- models

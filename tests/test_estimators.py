@@ -245,3 +245,22 @@ def test_mnist_parity_with_reference(mnist_path):
                        random_state=0).fit(X, y)
     err = 100 * np.mean(m.predict(Xt) != yt)
     assert abs(err - err_ref) <= 0.3, (err, err_ref)
+
+
+def test_default_store_in_memory_or_temporary_by_budget(tmp_path, sine_data):
+    """store=None keeps A in memory when it fits a quarter of the budget, otherwise writes a
+    temporary Zarr store (removed after fit); both give the same model."""
+    import dask
+
+    X, y, _, _ = sine_data
+    kw = dict(hidden_layer_sizes=(60,), random_state=0, solver="direct")
+    in_mem = SWIMRegressor(**kw).fit(X, y)
+    assert in_mem.fit_info_["store"] == "memory" and "blocks" not in in_mem.fit_info_
+    root = tmp_path / "stores"
+    with dask.config.set({"swimdist.memory-budget": "64KB", "swimdist.store-root": str(root)}):
+        on_disk = SWIMRegressor(**kw).fit(X, y)
+    assert on_disk.fit_info_["store"] is None
+    assert on_disk.fit_info_["blocks"]["written"] >= 1
+    assert list(root.iterdir()) == []  # the temporary store is gone
+    np.testing.assert_allclose(on_disk.coef_, in_mem.coef_, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(on_disk.intercept_, in_mem.intercept_, rtol=0, atol=1e-12)

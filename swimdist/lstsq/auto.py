@@ -119,7 +119,7 @@ def choose(
         return "normal-tiled", (
             f"{n} columns: the Gram reduction's partial sums ({partials / 2**30:.1f} GiB) "
             f"exceed the memory budget ({mem / 2**30:.1f} GiB); column tiles streamed from "
-            "the feature store, float32 tile products, float64 refinement"
+            "the feature store, float32 panel products preconditioning float64 block CG"
         )
     dense = 8.0 * n * n * (gamma + 3)  # S A, its V, P and C (sketch-direct); Gram + V (normal)
     if dense > mem:

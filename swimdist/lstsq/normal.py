@@ -39,10 +39,8 @@ worker thread holds one row block and one ``(n + K)^2`` partial sum per pending 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -52,7 +50,7 @@ import numpy as np
 import scipy.linalg as sla
 
 from ..exceptions import ValidationError
-from ._common import is_dask, row_chunked, rows_like
+from ._common import blas_for_local_threads, is_dask, row_chunked, rows_like, single_thread_lapack
 from .result import LstsqResult
 
 logger = logging.getLogger("swimdist.lstsq")
@@ -113,35 +111,8 @@ def reduce_blocks(
         dtype=np.float64,
         meta=np.empty((0, 0)),
     )
-    with _blas_for_local_threads():
+    with blas_for_local_threads():
         return parts.sum(axis=0, split_every=split_every).compute()
-
-
-def _blas_for_local_threads():
-    """Keep BLAS threads x dask threads within the cores on the local threaded scheduler.
-
-    The per-block tasks are BLAS-bound: two dask threads each running a two-thread OpenBLAS
-    product on two cores ran the MNIST Gram pass 1.4x slower. Worker processes of a cluster
-    get their BLAS thread count from :mod:`swimdist.cluster`; nothing is changed there.
-    """
-    try:
-        from distributed import get_client
-
-        get_client()
-        return contextlib.nullcontext()
-    except (ImportError, ValueError):
-        pass
-    if dask.config.get("scheduler", None) not in (None, "threads", "threading"):
-        return contextlib.nullcontext()
-    cores = os.cpu_count() or 1
-    threads = int(dask.config.get("num_workers", None) or cores)
-    if threads <= 1:
-        return contextlib.nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # run the blocks one at a time and let BLAS have the cores
-        return dask.config.set(num_workers=1)
-    return threadpool_limits(max(1, cores // threads))
 
 
 def _gram_upper(a: np.ndarray, y: np.ndarray, tile: int) -> np.ndarray:
@@ -458,7 +429,8 @@ def solve_normal(
         info["alpha_resolved"] = bool(alpha >= 1e4 * n * _EPS * float(np.trace(G)))
         Gd[np.diag_indices(n)] += alpha
         try:
-            R = sla.cholesky(Gd, lower=False, overwrite_a=True, check_finite=False)
+            with single_thread_lapack():
+                R = sla.cholesky(Gd, lower=False, overwrite_a=True, check_finite=False)
         except np.linalg.LinAlgError:
             raise ValidationError(
                 f"A^T A + alpha I is not positive definite (alpha={alpha!r}); use a larger "

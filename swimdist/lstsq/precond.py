@@ -54,6 +54,7 @@ import numpy as np
 import scipy.linalg as sla
 
 from ..exceptions import ValidationError
+from ._common import single_thread_lapack
 from .normal import (
     CONVERT_BYTES,
     TILE,
@@ -106,7 +107,8 @@ class _Factor:
         self.P, self.Vr = P, Vr
         self.cholesky = True
         try:
-            self.R = sla.cholesky(C, lower=False, check_finite=False)
+            with single_thread_lapack():
+                self.R = sla.cholesky(C, lower=False, check_finite=False)
             d = np.abs(np.diagonal(self.R))
             self.cond_C = float((d.max() / d.min()) ** 2) if d.min() > 0 else math.inf
         except np.linalg.LinAlgError:
