@@ -4,10 +4,15 @@ Cases (features built with swimdist's own sampling and lazy features, tanh, seed
 
 - ``mnist2000``: MNIST 60k/10k, M = 2000 (A: 60 000 x 2001, 10 right-hand sides), N/n = 30;
 - ``mnist1000``: MNIST, M = 1000 (A: 60 000 x 1001), the taller case, N/n = 60;
-- ``sine``: the seed report's regression, N = 5000, M = 1000, alpha = 1, 5, 10 (N/n = 5).
+- ``sine``: the seed report's regression, N = 5000, M = 1000, alpha = 1, 5, 10 (N/n = 5);
+- ``aspect``: time against the aspect ratio, sine (alpha = 5) with M = ``--aspect-width``
+  (500) neurons and N = r M rows for r in ``--aspect-ratios`` (5 10 20 40); cases
+  ``ratio<r>-m<M>``.
 
 Solvers: ``direct`` (gelsd, the reference), ``dask-lstsq`` (``dask.array.linalg.lstsq``, TSQR),
-``scipy-lsqr`` (no preconditioner, one column at a time, capped), LSRN with the Gaussian and the
+``normal`` (the normal equations, one pass), ``scipy-lsqr`` (no preconditioner, one column at a
+time, capped), ``lsqr`` (swimdist's LSQR without a preconditioner, all columns in lockstep, same
+cap; it records the residual per iteration), LSRN with the Gaussian and the
 sparse-sign sketch, each with LSQR and with the Chebyshev semi-iteration (in-process, numpy
 ``A``), the sparse sign with a loose tolerance (1e-6: enough for classification), and
 ``lsrn-cluster`` (Gaussian + LSQR on a LocalCluster of 2 worker processes x 1 thread, the
@@ -18,9 +23,15 @@ The residual is ``||A X - Y||_F / ||Y||_F`` computed the same way for every solv
 It also measures the peak memory of the Gaussian sketch of the MNIST M = 2000 matrix against
 the size of the sketching matrix G (s x N x 8 bytes) it never builds.
 
+Figures (PNG, in ``--figures DIR``, default benchmarks/figures; ``--no-figures`` skips them,
+and so does a missing matplotlib): ``lsrn_residuals_<case>.png``, the relative residual per
+iteration of LSQR and LSRN (Gaussian, sparse sign) against the residuals of gelsd and the normal
+equations (the seed report's Figure 4.1), for every MNIST and sine case; and
+``lsrn_time_vs_aspect.png``, solve time against N/M for the ``aspect`` cases.
+
     flock /tmp/swimdist-bench.lock python benchmarks/bench_lsrn.py [--cases mnist2000 ...]
 
-About 10-15 minutes on 2 cores (MNIST from SWIMDIST_DATA_DIR or ../shared/data/mnist).
+About 15-20 minutes on 2 cores (MNIST from SWIMDIST_DATA_DIR or ../shared/data/mnist).
 """
 
 from __future__ import annotations
@@ -39,14 +50,16 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from _common import PeakRSS, gb, mnist_dir, print_table  # noqa: E402
+from _common import REPO, PeakRSS, gb, mnist_dir, print_table  # noqa: E402
 
 RCOND = 1e-10
-LSQR_CAP = {"mnist2000": 100, "mnist1000": 100, "sine": 1000}
+LSQR_CAP = {"mnist": 100, "sine": 1000, "ratio": 1000}  # iteration caps without preconditioner
 SOLVERS = [
     "direct",
     "dask-lstsq",
+    "normal",
     "scipy-lsqr",
+    "lsqr",
     "lsrn-gaussian",
     "lsrn-sparse-sign",
     "lsrn-gaussian-chebyshev",
@@ -54,6 +67,33 @@ SOLVERS = [
     "lsrn-sparse-sign-tol1e-6",
     "lsrn-cluster",
 ]
+# what the figures show: residual histories, direct solvers as lines, times against N/M
+HISTORY_LABELS = {
+    "lsqr": "LSQR, no preconditioner",
+    "lsrn-gaussian": "LSRN Gaussian",
+    "lsrn-sparse-sign": "LSRN sparse sign",
+}
+REFERENCE_LABELS = {"direct": "direct (gelsd)", "normal": "normal equations"}
+TIME_LABELS = {
+    "direct": "direct (gelsd)",
+    "normal": "normal equations",
+    "dask-lstsq": "dask lstsq (TSQR)",
+    "scipy-lsqr": "scipy LSQR, no precond. (capped)",
+    "lsrn-gaussian": "LSRN Gaussian",
+    "lsrn-sparse-sign": "LSRN sparse sign",
+    "lsrn-sparse-sign-chebyshev": "LSRN sparse sign, Chebyshev",
+}
+
+
+def _cap(case: str) -> int:
+    """Iteration limit of the unpreconditioned LSQR runs of ``case``."""
+    return next(v for k, v in LSQR_CAP.items() if case.startswith(k))
+
+
+def _ratio_case(case: str) -> tuple[int, int]:
+    """``ratio<r>-m<M>`` -> (r, M)."""
+    r, m = case.split("-")
+    return int(r[len("ratio") :]), int(m[1:])
 
 
 # ----------------------------------------------------------------------------- data
@@ -77,10 +117,14 @@ def prepare(case: str, out: str, quick: bool) -> None:
     else:
         from swimdist.datasets import sine
 
-        alpha = float(case.split("-")[1])
-        X, y = sine(5000, alpha=alpha, seed=0)
+        if case.startswith("ratio"):
+            ratio, M = _ratio_case(case)
+            N, alpha = ratio * M, 5.0
+        else:
+            N, M, alpha = 5000, 1000, float(case.split("-")[1])
+        X, y = sine(N, alpha=alpha, seed=0)
         Xt, yt = sine(2000, alpha=alpha, seed=1)
-        layers = sample_layers(X, y[:, None], [1000], activation="tanh", seed=0)
+        layers = sample_layers(X, y[:, None], [M], activation="tanh", seed=0)
         Y = y[:, None]
         np.save(os.path.join(out, "y_test.npy"), yt)
     np.save(os.path.join(out, "A.npy"), np.asarray(design_matrix(X, layers).compute()))
@@ -134,6 +178,17 @@ def run_one(case: str, solver: str, data: str) -> dict:
             res = solve(A, Y, method="direct", rcond=RCOND)
             X = res.solution
             out["rank"] = res.rank
+        elif solver == "normal":
+            res = solve(A, Y, method="normal", rcond=RCOND)
+            X = res.solution
+            out["rank"] = res.rank
+        elif solver == "lsqr":
+            from swimdist.lstsq.lsqr import lsqr
+
+            it = lsqr(A, Y, tol=1e-12, max_iter=_cap(case))
+            X = it.z
+            out["iterations"] = it.iterations
+            out["history"] = it.residual_history
         elif solver == "dask-lstsq":
             import dask.array as da
 
@@ -145,7 +200,7 @@ def run_one(case: str, solver: str, data: str) -> dict:
 
             cols, its = [], []
             for k in range(Y.shape[1]):
-                r = lsqr(A, Y[:, k], atol=1e-12, btol=1e-12, iter_lim=LSQR_CAP[case.split("-")[0]])
+                r = lsqr(A, Y[:, k], atol=1e-12, btol=1e-12, iter_lim=_cap(case))
                 cols.append(r[0])
                 its.append(r[2])
             X = np.stack(cols, axis=1)
@@ -161,6 +216,7 @@ def run_one(case: str, solver: str, data: str) -> dict:
             res = solve(A, Y, method="lsrn", rcond=RCOND, **opts)
             X = res.solution
             out["iterations"] = res.iterations
+            out["history"] = list(res.residual_history)
             out["rank"] = res.rank
             out["stages"] = {
                 k: round(v, 1)
@@ -183,6 +239,7 @@ def run_one(case: str, solver: str, data: str) -> dict:
         R = A @ X - Y
         rn = np.sqrt(np.einsum("ij,ij->j", R, R))
     out["residual"] = float(np.linalg.norm(rn) / np.linalg.norm(Y))
+    out["shape"] = [int(A.shape[0]), int(A.shape[1]), int(Y.shape[1])]
     At = np.load(os.path.join(data, "At.npy"))
     out["test"] = _metric(case, At, X, np.load(os.path.join(data, "y_test.npy")))
     return out
@@ -235,11 +292,93 @@ def _child(args, env=None) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def _title(case: str, r: dict) -> str:
+    N, n, K = r["shape"]
+    if case.startswith("mnist"):
+        name = f"MNIST, M = {n - 1}"
+    elif case.startswith("ratio"):
+        name = f"sine alpha = 5, M = {n - 1}, N/M = {_ratio_case(case)[0]}"
+    else:
+        name = f"sine alpha = {case.split('-')[1]}, M = {n - 1}"
+    rhs = "1 right-hand side" if K == 1 else f"{K} right-hand sides"
+    return f"{name}: A {N} x {n}, {rhs}, rcond {RCOND:g}"
+
+
+def figures(results: dict[str, dict[str, dict]], out: str) -> None:
+    """Write the PNG figures of the cases measured (see the module docstring)."""
+    import _plots
+
+    out = os.path.abspath(out)
+    for case, by_solver in results.items():
+        if case.startswith("ratio"):
+            continue
+        hist = {
+            f"{label} ({by_solver[s]['iterations']} it., {by_solver[s]['seconds']:.1f} s)": (
+                by_solver[s]["history"]
+            )
+            for s, label in HISTORY_LABELS.items()
+            if s in by_solver and by_solver[s].get("history")
+        }
+        refs = {
+            f"{label}: {by_solver[s]['residual']:.3e} ({by_solver[s]['seconds']:.1f} s)": (
+                by_solver[s]["residual"]
+            )
+            for s, label in REFERENCE_LABELS.items()
+            if s in by_solver
+        }
+        if not hist:
+            continue
+        title = "Relative residual per iteration\n" + _title(case, next(iter(by_solver.values())))
+        if (
+            _plots.residual_histories(
+                hist, refs, title=title, path=os.path.join(out, f"lsrn_residuals_{case}.png")
+            )
+            is None
+        ):
+            return  # no matplotlib: said once, nothing more to draw
+    aspect = sorted((c for c in results if c.startswith("ratio")), key=_ratio_case)
+    widths = {_ratio_case(c)[1] for c in aspect}
+    if len(aspect) >= 2 and len(widths) == 1:
+        ratios = [_ratio_case(c)[0] for c in aspect]
+        times = {
+            label: [results[c].get(s, {}).get("seconds", float("nan")) for c in aspect]
+            for s, label in TIME_LABELS.items()
+            if any(s in results[c] for c in aspect)
+        }
+        _plots.times_vs_aspect(
+            ratios,
+            times,
+            title=f"Solve time against N/M (each solver in its own process)\n"
+            f"sine alpha = 5, M = {widths.pop()}, N = (N/M) M, rcond {RCOND:g}",
+            path=os.path.join(out, "lsrn_time_vs_aspect.png"),
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", nargs="+", default=["mnist2000", "mnist1000", "sine"])
+    ap.add_argument(
+        "--cases",
+        nargs="+",
+        default=["mnist2000", "mnist1000", "sine", "aspect"],
+        help="mnist2000, mnist1000, sine (alpha 1, 5, 10), sine-<alpha>, aspect, ratio<r>-m<M>",
+    )
     ap.add_argument("--solvers", nargs="+", default=SOLVERS)
     ap.add_argument("--quick", action="store_true", help="subsampled MNIST (script check)")
+    ap.add_argument(
+        "--aspect-ratios",
+        type=int,
+        nargs="+",
+        default=[5, 10, 20, 40],
+        help="N / M of the aspect cases",
+    )
+    ap.add_argument("--aspect-width", type=int, default=500, help="M of the aspect cases")
+    ap.add_argument(
+        "--figures",
+        metavar="DIR",
+        default=str(REPO / "benchmarks" / "figures"),
+        help="where the PNG figures go (default: benchmarks/figures)",
+    )
+    ap.add_argument("--no-figures", action="store_true", help="print the tables only")
     ap.add_argument(
         "--blas-threads",
         type=int,
@@ -275,8 +414,14 @@ def main() -> None:
     )
     cases = []
     for c in a.cases:
-        cases += [f"sine-{al}" for al in (1, 5, 10)] if c == "sine" else [c]
+        if c == "sine":
+            cases += [f"sine-{al}" for al in (1, 5, 10)]
+        elif c == "aspect":
+            cases += [f"ratio{r}-m{a.aspect_width}" for r in a.aspect_ratios]
+        else:
+            cases.append(c)
     rows = []
+    results: dict[str, dict[str, dict]] = {}
     memrow = None
     for case in cases:
         d = tempfile.mkdtemp(prefix=f"bench_lsrn_{case}_")
@@ -294,6 +439,7 @@ def main() -> None:
                     continue
                 if solver == "direct":
                     ref = r
+                results.setdefault(case, {})[solver] = r
                 ratio = r["seconds"] / ref["seconds"] if ref else float("nan")
                 metric = f"{r['test']:.2f} %" if case.startswith("mnist") else f"{r['test']:.2e}"
                 rows.append(
@@ -356,6 +502,8 @@ def main() -> None:
             )
     elif memrow:
         print(f"sketch memory run FAILED: {memrow['error']}")
+    if not a.no_figures:
+        figures(results, a.figures)
     print(
         f"\nbench_lsrn total: {time.perf_counter() - t_start:.0f} s "
         f"(load average at the end {os.getloadavg()[0]:.1f})"

@@ -72,7 +72,7 @@ def swimdist_case(width: int, budget: str, solver: str, options: list[str], work
     wall, peak, r = run_measured(cmd)
     if r.returncode != 0:
         print(r.stderr[-4000:], file=sys.stderr)
-        raise SystemExit(f"swimdist M={width} failed")
+        return {"failed": f"exit {r.returncode}", "wall": wall, "peak": peak}
     m = json.load(open(os.path.join(out, "metrics.json")))
     shutil.rmtree(store, ignore_errors=True)
     return {"wall": wall, "fit": m["timings"]["total"], "peak": peak,
@@ -121,29 +121,35 @@ def main():
     t_all = time.perf_counter()
     workdir = a.workdir or tempfile.mkdtemp(prefix="swimdist-bench-")
     rows = []
+
+    def row(label, budget, r):
+        if "failed" in r:
+            rows.append([label, budget, "", f"{r['wall']:.0f}", gb(r["peak"]), "", "",
+                         f"FAILED ({r['failed']})"])
+        else:
+            t = r["timings"]
+            rows.append([label, budget, f"{r['fit']:.0f}", f"{r['wall']:.0f}", gb(r["peak"]),
+                         f"{r['train']:.2f}", f"{r['test']:.2f}",
+                         f"{r['solver']}: sample {t['sample']:.0f} s, features "
+                         f"{t['features']:.0f} s, solve {t['solve']:.0f} s ("
+                         + ", ".join(f"{k} {v:.0f} s" for k, v in r["solver_timings"].items()
+                                     if k not in ("total", "choose"))
+                         + f"; {r['iterations']} iterations)"])
+            print("\n".join(line for line in r["stderr"].splitlines()
+                            if "auto:" in line or "normal-tiled" in line), flush=True)
+        print("| " + " | ".join(rows[-1]) + " |", flush=True)
+
     for w in a.widths:
-        r = swimdist_case(w, a.budget, a.solver, a.solver_option, workdir, a.store_format,
-                          a.feature_dtype)
-        t = r["timings"]
-        rows.append([f"swimdist M={w}", a.budget, f"{r['fit']:.0f}", f"{r['wall']:.0f}",
-                     gb(r["peak"]), f"{r['train']:.2f}", f"{r['test']:.2f}",
-                     f"{r['solver']}: sample {t['sample']:.0f} s, features "
-                     f"{t['features']:.0f} s, solve {t['solve']:.0f} s ("
-                     + ", ".join(f"{k} {v:.0f} s" for k, v in r["solver_timings"].items()
-                                 if k != "total")
-                     + f"; {r['iterations']} iterations)"])
-        print("\n".join(line for line in r["stderr"].splitlines()
-                        if "auto" in line or "normal-tiled" in line), flush=True)
+        row(f"swimdist M={w}", a.budget,
+            swimdist_case(w, a.budget, a.solver, a.solver_option, workdir, a.store_format,
+                          a.feature_dtype))
     if a.compare4000:
-        r = swimdist_case(4000, "2GB", a.solver, a.solver_option, workdir, a.store_format,
-                          a.feature_dtype)
-        t = r["timings"]
-        rows.append(["swimdist M=4000", "2GB", f"{r['fit']:.0f}", f"{r['wall']:.0f}",
-                     gb(r["peak"]), f"{r['train']:.2f}", f"{r['test']:.2f}",
-                     f"{r['solver']}: features {t['features']:.0f} s, solve {t['solve']:.0f} s"])
+        row("swimdist M=4000", "2GB", swimdist_case(4000, "2GB", a.solver, a.solver_option,
+                                                    workdir, a.store_format, a.feature_dtype))
         ref = reference_case(4000)
         rows.append(["swimnetworks M=4000", "in memory", f"{ref['fit']:.0f}",
-                     f"{ref['wall']:.0f}", gb(ref["peak"]), "", f"{ref['test']:.2f}", "gelsd"])
+                     f"{ref['wall']:.0f}", gb(ref["peak"]), "", f"{ref['test']:.2f}",
+                     "gelsd (pairs drawn with replacement)"])
     print_table("MNIST 60k/10k, tanh, distinct neurons, through `swimdist train` on the embedded "
                 "cluster (fit s = sample + features + solve; wall s = whole command; peak = "
                 "RSS of all processes, GB)",

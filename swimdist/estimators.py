@@ -245,13 +245,18 @@ class _SWIMBase:
             else:
                 store, temporary = storage.temporary_store_path(), True
         info: dict = {"store": None if temporary else store}
-        lock = None
+        lock = fp = None
+        persistent = store != "memory" and not temporary
         try:
             if self.solver == "split":
                 # Lazy, never computed whole: split-and-solve builds one neuron block at a time.
                 # In-memory X goes to the workers once, not with every block's graph.
                 Xd = Xd if isinstance(X, da.Array) else Xd.persist()
                 H = hidden_features(Xd, layers, dtype=dtype)
+                if persistent:  # no features are stored; the path keeps the solve checkpoint
+                    lock = storage.StoreLock(str(store)).acquire()
+                    fp = storage.fingerprint_job(x=storage.fingerprint_array(X), layers=layers,
+                                                 dtype=dtype.str, rows=rows)
             elif store == "memory":
                 with blas_for_local_threads():
                     A = hidden_features(Xd, layers, dtype=dtype, add_bias=True).persist()
@@ -272,8 +277,11 @@ class _SWIMBase:
                 # Column-tile readers go straight to the store (see lstsq/tiled.py).
                 opts["feature_store"] = (str(store), storage.store_backend(str(store)).kind,
                                          rows)
-                if not temporary:  # an interrupted solve resumes from here
-                    checkpoint = storage.SolveCheckpoint.for_store(str(store), fp)
+            if persistent and fp is not None:
+                # An interrupted solve resumes from here: normal-tiled's Gram panels and CG
+                # state, LSQR's iterate (lsrn), split's solved blocks.
+                checkpoint = storage.SolveCheckpoint.for_store(str(store), fp)
+                if checkpoint is not None:
                     opts["checkpoint"] = checkpoint
             if self.solver == "split":
                 opts.update(intercept=True,

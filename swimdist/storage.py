@@ -432,12 +432,20 @@ def remove_store(url: str) -> None:
 def save_npy_atomic(directory: str, name: str, arr: np.ndarray) -> str:
     """Write ``arr`` as ``<directory>/<name>.npy`` atomically (a temporary file moved over
     the target); returns the path. Runs on workers too (local or shared filesystems)."""
-    os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, name + ".npy")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=directory)
+    _write_atomic(path, lambda f: np.save(f, np.ascontiguousarray(arr), allow_pickle=False))
+    return path
+
+
+def _write_atomic(path: str, write) -> None:
+    """``write(file)`` into a temporary file beside ``path``, synced, then moved over it: a
+    reader sees the old file or the whole new one, never a part."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=d)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -445,7 +453,6 @@ def save_npy_atomic(directory: str, name: str, arr: np.ndarray) -> str:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
 
 
 class SolveCheckpoint:
@@ -501,18 +508,7 @@ class SolveCheckpoint:
             return None
 
     def save(self, name: str, **arrays: np.ndarray) -> None:
-        os.makedirs(self.path, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=self.path)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(self.path, name + ".npz"))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        _write_atomic(os.path.join(self.path, name + ".npz"), lambda f: np.savez(f, **arrays))
 
     def load(self, name: str) -> dict[str, np.ndarray] | None:
         try:
@@ -544,20 +540,7 @@ def save_arrays(path: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
         with fsspec.open(path, "wb") as f:
             np.savez(f, **payload)
         return
-    path = _local(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _write_atomic(_local(path), lambda f: np.savez(f, **payload))
 
 
 def load_arrays(path: str) -> tuple[dict[str, np.ndarray], dict]:

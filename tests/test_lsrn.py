@@ -258,3 +258,24 @@ def test_sine_5000_by_1000_matches_direct(alpha):
             res = solve(_as(A, "dask", rows=1000), y, method="lsrn", sketch=sk, lsrn_iterations=it)
         assert_lstsq_close(res, ref, rtol=1.5)
         assert np.abs(At @ res.solution - yt).mean() <= 1.5 * ref_mae
+
+
+def test_lsqr_checkpoint_warm_starts_a_resumed_solve(tmp_path):
+    import warnings
+
+    from swimdist.storage import SolveCheckpoint
+    from swimdist.testing import make_lstsq_problem
+
+    p = make_lstsq_problem(3000, 120, cond=1e8, n_rhs=2, noise=0.01, seed=11)
+    kw = dict(method="lsrn", sketch="sparse-sign", rcond=1e-12, tol=1e-12)
+    ref = solve(p["A"], p["Y"], **kw)
+    ck = SolveCheckpoint(str(tmp_path / "ck"), "job")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the "interrupted" run stops at its iteration limit
+        solve(p["A"], p["Y"], checkpoint=ck, checkpoint_every=4, max_iter=9, **kw)
+    again = solve(p["A"], p["Y"], checkpoint=SolveCheckpoint(str(tmp_path / "ck"), "job"), **kw)
+    assert again.info["resumed_at"] == 8
+    assert again.iterations < ref.iterations
+    assert again.relative_residual <= (1 + 1e-9) * ref.relative_residual
+    np.testing.assert_allclose(p["A"] @ again.solution, p["A"] @ ref.solution, rtol=0,
+                               atol=1e-8 * np.abs(p["Y"]).max())

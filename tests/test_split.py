@@ -288,3 +288,67 @@ def test_block_features_needs_norms_and_lazy_a():
     with pytest.raises(ValidationError, match="block_features needs A as a"):
         solve(A.compute(), Y, method="split", intercept=True, block_features=bf,
               split_order="ordered")
+
+
+@pytest.mark.parametrize("sweeps", [1, 2])
+def test_interrupted_split_resumes_from_its_solved_blocks(tmp_path, monkeypatch, sweeps):
+    import swimdist.lstsq as lstsq
+    from swimdist.storage import SolveCheckpoint
+    from swimdist.testing import make_lstsq_problem
+
+    p = make_lstsq_problem(600, 41, cond=1e3, n_rhs=2, noise=0.05, seed=7)
+    kw = dict(method="split", n_splits=4, split_order="ordered", split_sweeps=sweeps,
+              sweep_tol=0.0, intercept=True)
+    ref = solve(p["A"], p["Y"], **kw)
+    direct = lstsq.get_solver("direct")
+    calls = []
+    fail_at = 3 if sweeps == 1 else 6  # the process "dies" in this block solve
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt
+        return direct(*args, **kwargs)
+
+    monkeypatch.setitem(lstsq.SOLVERS, "direct", failing)
+    with pytest.raises(KeyboardInterrupt):
+        solve(p["A"], p["Y"], checkpoint=SolveCheckpoint(str(tmp_path / "ck"), "job"), **kw)
+    monkeypatch.setitem(lstsq.SOLVERS, "direct", direct)
+    calls.clear()
+    counted = []
+
+    def counting(*args, **kwargs):
+        counted.append(1)
+        return direct(*args, **kwargs)
+
+    monkeypatch.setitem(lstsq.SOLVERS, "direct", counting)
+    again = solve(p["A"], p["Y"], checkpoint=SolveCheckpoint(str(tmp_path / "ck"), "job"), **kw)
+    done = fail_at - 1
+    assert again.info["resumed_after_blocks"] == done
+    assert len(counted) == 4 * sweeps - done  # solved blocks are not solved (or built) again
+    np.testing.assert_array_equal(again.solution, ref.solution)
+    assert again.residual_history == ref.residual_history
+    assert again.info["block_residuals"] == ref.info["block_residuals"]
+
+
+def test_estimator_split_with_a_store_path_checkpoints_and_cleans_up(tmp_path, monkeypatch):
+    import swimdist.lstsq.split as split_mod
+    from swimdist.datasets import sine
+
+    seen = []
+    orig = split_mod.solve_split
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("checkpoint"))
+        return orig(*args, **kwargs)
+
+    monkeypatch.setitem(SOLVERS, "split", spy)
+    X, y = sine(400, seed=0)
+    path = tmp_path / "job"
+    m = SWIMRegressor(hidden_layer_sizes=(40,), solver="split", random_state=0, store=str(path),
+                      solver_options={"n_splits": 3}).fit(X, y)
+    assert seen and seen[0] is not None and seen[0].path == str(tmp_path / "job.solve")
+    assert not (tmp_path / "job.solve").exists() and not (tmp_path / "job.lock").exists()
+    ref = SWIMRegressor(hidden_layer_sizes=(40,), solver="split", random_state=0,
+                        solver_options={"n_splits": 3}).fit(X, y)
+    np.testing.assert_array_equal(m.coef_, ref.coef_)

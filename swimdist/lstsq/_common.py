@@ -115,3 +115,11 @@ def single_thread_lapack():
     except ImportError:  # pragma: no cover - threadpoolctl is a dependency
         return contextlib.nullcontext()
     return threadpool_limits(1)
+
+
+def digest_array(Y: np.ndarray) -> str:
+    """A short content hash of an array (checkpoints record which right-hand sides they
+    belong to)."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(Y).view(np.uint8)).hexdigest()[:16]

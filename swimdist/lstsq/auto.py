@@ -88,6 +88,7 @@ def choose(
     gamma: float = 2.0,
     registered=(),
     store_streaming: bool = False,
+    worker_memory: float | None = None,
 ) -> tuple[str, str]:
     """The solver ``auto`` starts with for a problem of this shape, and why (no data touched).
 
@@ -114,11 +115,14 @@ def choose(
     resolved = classification or (alpha == 0 and rcond >= trusted_rcond(n))
     # "normal"'s tree reduction holds about five (n x n) partial sums per worker; past the
     # budget, stream column tiles of the Gram matrix from the feature store instead.
+    # On a cluster they must also fit half of one worker's memory limit.
     partials = 8.0 * n * n * 5
-    if store_streaming and resolved and "normal-tiled" in registered and partials > mem:
+    room = min(mem, 0.5 * worker_memory) if worker_memory else mem
+    if store_streaming and resolved and "normal-tiled" in registered and partials > room:
         return "normal-tiled", (
             f"{n} columns: the Gram reduction's partial sums ({partials / 2**30:.1f} GiB) "
-            f"exceed the memory budget ({mem / 2**30:.1f} GiB); column tiles streamed from "
+            f"exceed the memory they may use ({room / 2**30:.1f} GiB: the budget, or half a "
+            "worker's memory limit); row panels streamed from "
             "the feature store, float32 panel products preconditioning float64 block CG"
         )
     dense = 8.0 * n * n * (gamma + 3)  # S A, its V, P and C (sketch-direct); Gram + V (normal)
@@ -213,7 +217,7 @@ def solve_auto(
 
         memory_limit = config.get("memory-budget")  # set by `swimdist train --memory-limit`
     classification = (task == "classification") if task else looks_like_classification(Y)
-    n_workers, _ = _cluster_workers() if is_dask(A) else (0, None)
+    n_workers, worker_memory = _cluster_workers() if is_dask(A) else (0, None)
     gamma = float(options.get("gamma", 2.0))
     name, reason = choose(
         A.shape,
@@ -229,6 +233,7 @@ def solve_auto(
         gamma=gamma,
         registered=tuple(SOLVERS),
         store_streaming=options.get("feature_store") is not None,
+        worker_memory=worker_memory,
     )
     t_choose = time.perf_counter() - t0
     logger.info(

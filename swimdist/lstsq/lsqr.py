@@ -246,6 +246,8 @@ def lsqr(
     z0: np.ndarray | None = None,
     tol: float = 1e-12,
     max_iter: int = 500,
+    checkpoint=None,
+    checkpoint_every: int = 10,
 ) -> IterationOutcome:
     """LSQR on ``min ||[A; d I] P z - [Y; 0]||`` for all K columns in lockstep.
 
@@ -265,6 +267,9 @@ def lsqr(
     max_iter : int
         Iteration limit; reaching it warns (:class:`ConvergenceWarning`) and returns the last
         iterate, which has the smallest residual of all (LSQR's residual is monotone).
+    checkpoint : SolveCheckpoint, optional
+        Every ``checkpoint_every`` iterations the iterate ``z`` is saved there as ``lsqr``
+        (a resumed solve warm-starts from it; see :func:`.lsrn.solve_lsrn`).
 
     Returns
     -------
@@ -322,6 +327,8 @@ def lsqr(
         test1 = rnorm <= tol * ynorm + tol * anorm * znorm
         test2 = arnorm <= tol * (anorm * rnorm + eps)
         converged = converged | test1 | test2
+        if checkpoint is not None and it % max(1, checkpoint_every) == 0:
+            checkpoint.save("lsqr", z=z0 + dz, it=np.array(it))
         logger.debug(
             "lsqr it %d: relative residual %.3e, converged %d/%d",
             it,

@@ -43,7 +43,7 @@ import numpy as np
 
 from .. import config
 from ..exceptions import ValidationError
-from ._common import is_dask
+from ._common import digest_array, is_dask
 from .lsqr import RowBlockOperator, chebyshev, chebyshev_iterations, lsqr
 from .result import LstsqResult
 from .sketch import DEFAULT_NNZ, KINDS, sketch_size
@@ -95,6 +95,8 @@ def solve_lsrn(
     sketch_block_bytes: int | str | None = None,
     persist: bool = True,
     delta: float = 1e-3,
+    checkpoint=None,
+    checkpoint_every: int = 10,
     **_ignored,
 ) -> LstsqResult:
     """Solve ``min ||A X - Y||_F`` (+ ``alpha ||X||_F^2``) with LSRN on row blocks of ``A``.
@@ -137,6 +139,11 @@ def solve_lsrn(
         reads ``A`` from its source: use it when ``A`` is in a store and memory is short.
     delta : float
         Failure probability of the Chebyshev bounds.
+    checkpoint : SolveCheckpoint, optional
+        LSQR saves its iterate there every ``checkpoint_every`` iterations; a solve started
+        again with the checkpoint of the same problem (the sketch is recomputed: it is
+        seeded) warm-starts from the last saved iterate instead of the sketch-and-solve one,
+        and converges to the same solution within ``tol``.
 
     Returns
     -------
@@ -198,9 +205,21 @@ def solve_lsrn(
     z0 = (scale * sr)[:, None] * (U[:, :rank].T @ SY)
     del U, SA
 
+    resumed = 0
+    if checkpoint is not None and lsrn_iterations == "lsqr":
+        checkpoint.open({"solver": "lsrn", "N": int(A.shape[0]), "n": int(n),
+                         "K": int(Yn.shape[1]), "sketch": sketch, "seed": int(seed),
+                         "gamma": gamma, "rcond": float(rcond), "alpha": float(alpha),
+                         "rank": rank, "y": digest_array(Yn)})
+        state = checkpoint.load("lsqr")
+        if state is not None and state["z"].shape == z0.shape:
+            z0, resumed = state["z"], int(state["it"])
+            logger.info("lsrn: LSQR resumed from its iterate at iteration %d", resumed)
+
     t0 = time.perf_counter()
     if lsrn_iterations == "lsqr":
-        out = lsqr(op, Yn, P=P, damp=math.sqrt(alpha), z0=z0, tol=tol, max_iter=max_iter)
+        out = lsqr(op, Yn, P=P, damp=math.sqrt(alpha), z0=z0, tol=tol, max_iter=max_iter,
+                   checkpoint=checkpoint, checkpoint_every=checkpoint_every)
     else:
         out = chebyshev(
             op,
@@ -226,6 +245,7 @@ def solve_lsrn(
         "stop_reason": out.stop_reason,
         "converged_columns": int(out.converged.sum()),
         "graph_sizes": list(op.graph_sizes),
+        "resumed_at": resumed,
     }
     if bounds is not None:
         info["sigma_bounds"] = bounds
@@ -248,6 +268,7 @@ def solve_lsrn(
         converged=bool(out.converged.all()),
         info=info,
     )
+
 
 
 def _wait(A) -> None:

@@ -64,7 +64,7 @@ import numpy as np
 
 from ..exceptions import ValidationError
 from ._common import column_norms as _column_norms
-from ._common import is_dask, row_chunked, rows_like
+from ._common import digest_array, is_dask, row_chunked, rows_like
 from .result import LstsqResult
 
 logger = logging.getLogger("swimdist.lstsq.split")
@@ -136,7 +136,7 @@ def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int
                 sweep_tol: float = 1e-3, intercept: bool = False,
                 column_norms: np.ndarray | None = None,
                 block_features: Callable[[np.ndarray], da.Array] | None = None,
-                seed: int = 0, **sub_options) -> LstsqResult:
+                seed: int = 0, checkpoint=None, **sub_options) -> LstsqResult:
     """Solve ``min ||A X - Y||_F`` block by block over ordered column blocks (see module doc).
 
     Parameters
@@ -169,6 +169,10 @@ def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int
     seed : int
         Seed of the ``"random"`` order; sub-solver seeds are derived from it per block
         (``SeedSequence([seed, sweep, block])``).
+    checkpoint : SolveCheckpoint, optional
+        After every block the coefficients so far and the residual are saved there; a solve
+        of the same problem started again skips the blocks already solved (their features
+        are never generated again) and reaches the same solution.
     **sub_options
         Passed to the sub-solver (e.g. ``gamma``, ``tol`` for ``"lsrn"``).
 
@@ -254,11 +258,58 @@ def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int
     rel = 1.0 if ynorm > 0 else 0.0
     stop_reason = "max_sweeps"
     sweeps_done = 0
-    for sweep in range(split_sweeps):
-        X_prev, R_prev, Rn_prev, rel_prev = X.copy(), R, Rn, rel
-        sweep_res: list[float] = []
-        sweep_ranks: list[int | None] = []
+    start = (0, 0)  # (sweep, block) to start from
+    resumed = None
+    if checkpoint is not None:
+        checkpoint.open({"solver": "split", "N": int(N), "n": int(n), "K": int(K),
+                         "order": [int(i) for i in order], "n_splits": len(groups),
+                         "sub_solver": sub_solver, "sweeps": int(split_sweeps),
+                         "rcond": float(rcond), "alpha": float(alpha), "seed": int(seed),
+                         "sub_options": sorted(map(str, sub_options.items())),
+                         "y": digest_array(Rn)})
+        state = checkpoint.load("split")
+        if state is not None:
+            X, Rn, rel = state["X"], state["Rn"], float(state["rel"])
+            history = [float(v) for v in state["history"]]
+            nb = len(groups)
+            per_sweep = [history[i:i + nb] for i in range(0, len(history), nb)]
+            ranks = [[None if r < 0 else int(r) for r in state["ranks"][i:i + nb]]
+                     for i in range(0, len(history), nb)]
+            start = (len(history) // nb, len(history) % nb)
+            resumed, sweeps_done = start, start[0]
+            if lazy:
+                R = rows_like(Rn, A).persist()
+            else:
+                R = Rn
+            logger.info("split: resumed after %d solved blocks", len(history))
+
+    def save(X_prev, Rn_prev, rel_prev):
+        flat_ranks = [(-1 if r is None else r) for rs in ranks for r in rs]
+        checkpoint.save("split", X=X, Rn=Rn, rel=np.array(rel), history=np.array(history),
+                        ranks=np.array(flat_ranks, dtype=np.int64), X_prev=X_prev,
+                        Rn_prev=Rn_prev, rel_prev=np.array(rel_prev))
+
+    if resumed is not None and start[1] == 0 and start[0] > 0:
+        # killed between a sweep's last block and its stopping test: take the test now
+        rel_prev = float(state["rel_prev"])
+        if start[0] > 1 and rel > rel_prev:
+            X, Rn, rel = state["X_prev"], state["Rn_prev"], rel_prev
+            R = rows_like(Rn, A).persist() if lazy else Rn
+            start, stop_reason = (split_sweeps, 0), "no_improvement"
+        elif (start[0] > 1 and rel_prev - rel <= sweep_tol * rel_prev) or rel == 0:
+            start, stop_reason = (split_sweeps, 0), "converged"
+    for sweep in range(start[0], split_sweeps):
+        if (sweep, 0) < start:  # resuming inside this sweep: its start state was saved
+            X_prev, Rn_prev = state["X_prev"], state["Rn_prev"]
+            rel_prev = float(state["rel_prev"])
+            R_prev = rows_like(Rn_prev, A).persist() if lazy else Rn_prev
+            sweep_res, sweep_ranks = per_sweep.pop(), ranks.pop()
+        else:
+            X_prev, R_prev, Rn_prev, rel_prev = X.copy(), R, Rn, rel
+            sweep_res, sweep_ranks = [], []
         for j, cols in enumerate(groups):
+            if (sweep, j) < start:
+                continue
             t0 = time.perf_counter()
             B = block(cols)
             t1 = time.perf_counter()
@@ -288,6 +339,10 @@ def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int
             sweep_ranks.append(res.rank)
             logger.debug("split sweep %d block %d/%d (%d columns): relative residual %.3e",
                          sweep + 1, j + 1, len(groups), len(cols), rel)
+            if checkpoint is not None:
+                ranks.append(sweep_ranks)  # saved with the current sweep's ranks included
+                save(X_prev, Rn_prev, rel_prev)
+                ranks.pop()
         per_sweep.append(sweep_res)
         ranks.append(sweep_ranks)
         sweeps_done = sweep + 1
@@ -329,5 +384,7 @@ def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int
             "split_order": split_order if isinstance(split_order, str) else "given",
             "n_splits": len(groups),
             "bias": "every block" if intercept else "none",
+            "resumed_after_blocks": 0 if resumed is None else resumed[0] * len(groups)
+            + resumed[1],
         },
     )

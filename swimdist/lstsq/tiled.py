@@ -47,7 +47,7 @@ import numpy as np
 import scipy.linalg as sla
 
 from ..exceptions import ConvergenceWarning, ValidationError
-from ._common import is_dask, row_chunked, rows_like, single_thread_lapack
+from ._common import digest_array, is_dask, row_chunked, rows_like, single_thread_lapack
 from .result import LstsqResult
 
 logger = logging.getLogger("swimdist.lstsq")
@@ -409,7 +409,7 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
     gdt = np.dtype(gram_dtype)
     if checkpoint is not None:
         checkpoint.open({"solver": "normal-tiled", "N": N, "n": n, "K": K, "tile": int(tile),
-                         "gram_dtype": gdt.name, "y": _digest(Y)})
+                         "gram_dtype": gdt.name, "y": digest_array(Y)})
     panels, tiles, reused = _gram_panels(A, Y, n, K, feature_store=feature_store, tile=tile,
                                          gdt=gdt, checkpoint=checkpoint)
     t1 = time.perf_counter()
@@ -551,9 +551,4 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
     res.relative_residual = total / ynorm if ynorm else total
     return res
 
-
-def _digest(Y: np.ndarray) -> str:
-    import hashlib
-
-    return hashlib.sha256(np.ascontiguousarray(Y).view(np.uint8)).hexdigest()[:16]
 
