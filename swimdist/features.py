@@ -12,7 +12,6 @@ import dask.array as da
 import numpy as np
 
 from . import config
-from .activations import get_activation
 from .sampling import Layer
 
 
@@ -34,15 +33,11 @@ def _forward(x: np.ndarray, params, columns, dtype, add_bias: bool) -> np.ndarra
         if li == len(params) - 1 and columns is not None:
             layer = Layer(layer.weights[:, columns], layer.biases[columns], layer.activation)
         if li == len(params) - 1 and add_bias and np.dtype(dtype) == np.float64:
-            # Write the last layer straight into the block with its bias column: the same
-            # arithmetic as ``Layer.apply``, without concatenating a copy afterwards.
-            width = layer.weights.shape[1]
-            out = np.empty((z.shape[0], width + 1))
-            h = out[:, :width]
-            np.matmul(z, layer.weights, out=h)
-            h += layer.biases
-            get_activation(layer.activation).fn(h)
-            out[:, width] = 1.0
+            # The last layer goes straight into the block beside its bias column: no
+            # concatenated copy afterwards.
+            out = np.empty((z.shape[0], layer.width + 1))
+            layer.apply(z, out=out[:, :-1])
+            out[:, -1] = 1.0
             return out
         z = layer.apply(z)
     if add_bias:

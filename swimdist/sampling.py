@@ -42,9 +42,12 @@ class Layer:
     def width(self) -> int:
         return self.weights.shape[1]
 
-    def apply(self, Z: np.ndarray) -> np.ndarray:
-        """``sigma(Z W + b)`` for an in-memory block ``Z``."""
-        return get_activation(self.activation).fn(Z @ self.weights + self.biases)
+    def apply(self, Z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``sigma(Z W + b)`` for an in-memory block ``Z``, computed in place in ``out``
+        (a new array when None; a view such as a block's first columns works too)."""
+        h = np.matmul(Z, self.weights, out=out)
+        h += self.biases
+        return get_activation(self.activation).fn(h)
 
 
 def layer_rng(seed: int, layer: int) -> np.random.Generator:

@@ -279,3 +279,8 @@ def test_lsqr_checkpoint_warm_starts_a_resumed_solve(tmp_path):
     assert again.relative_residual <= (1 + 1e-9) * ref.relative_residual
     np.testing.assert_allclose(p["A"] @ again.solution, p["A"] @ ref.solution, rtol=0,
                                atol=1e-8 * np.abs(p["Y"]).max())
+
+
+def test_bad_checkpoint_interval_is_rejected():
+    with pytest.raises(ValidationError, match="checkpoint_every must be an integer >= 1"):
+        solve(np.eye(6), np.ones(6), method="lsrn", checkpoint_every=0)

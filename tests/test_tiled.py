@@ -165,3 +165,17 @@ def test_blocked_cholesky_at_16500_columns_does_not_crash():
 
     R = blocked_cholesky(G.copy())
     np.testing.assert_allclose(sla.cho_solve((R, False), G @ x), x, rtol=1e-8)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"max_iter": -1}, "max_iter must be an integer >= 0"),
+    ({"max_iter": 2.5}, "max_iter must be an integer >= 0"),
+    ({"tol": -1.0}, "tol must be a finite number >= 0"),
+    ({"tol": float("nan")}, "tol must be a finite number >= 0"),
+    ({"checkpoint_every": 0}, "checkpoint_every must be an integer >= 1"),
+    ({"ridge": -1e-3}, "ridge must be a finite number >= 0"),
+    ({"precond_ridge": float("inf")}, "precond_ridge must be a finite number >= 0"),
+])
+def test_bad_options_are_rejected(kw, msg):
+    with pytest.raises(ValidationError, match=msg):
+        solve(np.eye(4), np.ones(4), method="normal-tiled", **kw)

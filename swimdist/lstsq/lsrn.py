@@ -43,6 +43,7 @@ import numpy as np
 
 from .. import config
 from ..exceptions import ValidationError
+from ..validation import check_positive_int
 from ._common import digest_array, is_dask
 from .lsqr import RowBlockOperator, chebyshev, chebyshev_iterations, lsqr
 from .result import LstsqResult
@@ -167,6 +168,7 @@ def solve_lsrn(
         from dask.utils import parse_bytes
 
         sketch_block_bytes = parse_bytes(sketch_block_bytes)
+    checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
     n = A.shape[1]
     s = sketch_size(n, gamma)
     bounds = chebyshev_bounds(n, s, delta) if lsrn_iterations == "chebyshev" else None

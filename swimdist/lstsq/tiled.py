@@ -41,13 +41,16 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 
 import numpy as np
 import scipy.linalg as sla
 
 from ..exceptions import ConvergenceWarning, ValidationError
+from ..validation import check_nonnegative, check_positive_int
 from ._common import digest_array, is_dask, row_chunked, rows_like, single_thread_lapack
+from .normal import _f64_pieces, reduce_blocks
 from .result import LstsqResult
 
 logger = logging.getLogger("swimdist.lstsq")
@@ -57,8 +60,6 @@ logger = logging.getLogger("swimdist.lstsq")
 TILE = 4000
 #: Bytes of one row block of a panel task (its columns from the store, as the tile dtype).
 PANEL_BLOCK_BYTES = 128 * 2**20
-#: Rows converted to float64 at a time in a CG pass.
-CONVERT_BYTES = 64 * 2**20
 
 __all__ = ["TILE", "PanelCholesky", "blocked_cholesky", "solve_normal_tiled"]
 
@@ -199,9 +200,7 @@ def _ne_pass(a: np.ndarray, P: np.ndarray, bias: int) -> np.ndarray:
     (converted a slice of rows at a time; the bias column is never materialized)."""
     nf = a.shape[1]
     out = np.zeros((nf + bias, P.shape[1]))
-    rows = max(1, CONVERT_BYTES // max(1, 8 * nf))
-    for r in range(0, a.shape[0], rows):
-        ab = np.asarray(a[r:r + rows], dtype=np.float64)
+    for _, ab in _f64_pieces(a):
         t = ab @ P[:nf]
         if bias:
             t += P[nf]
@@ -217,10 +216,8 @@ def _residual_pass(a: np.ndarray, y: np.ndarray, x: np.ndarray, bias: int) -> np
     n = nf + bias
     out = np.zeros(n * K + K)
     acc = out[:n * K].reshape(n, K)
-    rows = max(1, CONVERT_BYTES // max(1, 8 * nf))
-    for r in range(0, a.shape[0], rows):
-        ab = np.asarray(a[r:r + rows], dtype=np.float64)
-        res = np.asarray(y[r:r + rows], dtype=np.float64) - ab @ x[:nf]
+    for r, ab in _f64_pieces(a):
+        res = np.asarray(y[r:r + ab.shape[0]], dtype=np.float64) - ab @ x[:nf]
         if bias:
             res -= x[nf]
             acc[nf] += res.sum(axis=0)
@@ -230,8 +227,6 @@ def _residual_pass(a: np.ndarray, y: np.ndarray, x: np.ndarray, bias: int) -> np
 
 
 def _reduce(fn, A, others, consts, length):
-    from .normal import reduce_blocks
-
     return reduce_blocks(fn, A, others, consts, length=length, split_every=8)
 
 
@@ -287,19 +282,18 @@ def _gram_panels(A, Y, n, K, *, feature_store, tile, gdt, checkpoint):
     if feature_store is not None:
         from ..storage import store_backend
 
-        url, fmt, rows = feature_store
+        url, fmt, _ = feature_store  # panel tasks choose their own row blocks (below)
         source = store_backend(url, fmt).reader  # called on the worker: opens the store there
         n_feat, bias = n - 1, 1
     elif not is_dask(A):
-        source, n_feat, bias, rows = np.asarray(A), n, 0, None  # A's columns, bias included
+        source, n_feat, bias = np.asarray(A), n, 0  # A's columns, bias included
     else:  # a dask A without its store: row blocks stream through the client, once
-        source, n_feat, bias, rows = None, n, 0, None
+        source, n_feat, bias = None, n, 0
     width = n + K
     tiles = _tiles(width, tile)
-    if rows is None or feature_store is not None:
-        # Panel tasks re-block the rows: one block of the widest panel is about
-        # PANEL_BLOCK_BYTES, whatever the store's own chunking.
-        rows = max(1, PANEL_BLOCK_BYTES // (width * gdt.itemsize))
+    # Panel tasks block the rows themselves: one block of the widest panel is about
+    # PANEL_BLOCK_BYTES, whatever the store's own chunking.
+    rows = max(1, PANEL_BLOCK_BYTES // (width * gdt.itemsize))
     panels: list[np.ndarray | None] = [None] * len(tiles)
     done = 0
     if checkpoint is not None:
@@ -407,6 +401,13 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
     if gram_dtype not in ("float64", "float32"):
         raise ValidationError(f"gram_dtype must be float64 or float32; got {gram_dtype!r}.")
     gdt = np.dtype(gram_dtype)
+    tol = check_nonnegative(tol, "tol")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 0:
+        raise ValidationError(f"max_iter must be an integer >= 0; got {max_iter!r}.")
+    checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
+    ridge = None if ridge is None else check_nonnegative(ridge, "ridge")
+    precond_ridge = (None if precond_ridge is None
+                     else check_nonnegative(precond_ridge, "precond_ridge"))
     if checkpoint is not None:
         checkpoint.open({"solver": "normal-tiled", "N": N, "n": n, "K": K, "tile": int(tile),
                          "gram_dtype": gdt.name, "y": digest_array(Y)})
@@ -524,7 +525,7 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
         history.append(float(rel.max()))
         converged = bool(np.all(rel <= tol))
         logger.info("normal-tiled: CG step %d, relative residual %.3e", it, rel.max())
-        if checkpoint is not None and (it % max(1, checkpoint_every) == 0):
+        if checkpoint is not None and it % checkpoint_every == 0:
             checkpoint.save("pcg", x=x, r=r, p=p, rz=rz, bnorm=bnorm, it=np.array(it),
                             history=np.array(history))
     if not converged and max_iter > 0:
