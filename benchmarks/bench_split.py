@@ -54,6 +54,7 @@ def sine_case(width: int, alpha: float, max_splits: int, n: int = 5000):
     """All rows of the sine table for one (M, alpha), plus the full solve's row."""
     from swimdist import solve
     from swimdist.datasets import sine
+    from swimdist.design import DesignMatrix
     from swimdist.sampling import sample_layers
 
     X, y = sine(n, alpha=alpha, seed=0)
@@ -67,7 +68,8 @@ def sine_case(width: int, alpha: float, max_splits: int, n: int = 5000):
 
     def measure(method, **kw):
         t0 = time.perf_counter()
-        res = solve(A, Y, method=method, rcond=RCOND, **kw)
+        design = DesignMatrix(A, bias=True, column_norms=norms)
+        res = solve(design, Y, method=method, rcond=RCOND, **kw)
         sec = time.perf_counter() - t0
         c = res.solution
         return {"train": float(np.abs(A @ c - Y).mean()),
@@ -78,8 +80,7 @@ def sine_case(width: int, alpha: float, max_splits: int, n: int = 5000):
     rows = []
     for order in ORDERS:
         for k in range(1, max_splits + 1):
-            r = measure("split", n_splits=k, split_order=order, intercept=True,
-                        column_norms=norms, seed=0)
+            r = measure("split", n_splits=k, split_order=order, seed=0)
             rows.append({"order": order, "k": k, **r})
     return full, rows
 

@@ -228,16 +228,15 @@ def evaluate(model_path, scheduler, **kw) -> None:
               help="Where to write predictions (.npy).")
 def predict(model_path, input_path, x_key, output_path) -> None:
     """Predict with a saved model and write the predictions as .npy."""
+    from ._io import write_atomic
     from .estimators import load_model
-    from .storage import load_array
+    from .inputs import load_array
 
     try:
         model = load_model(model_path)
         X = load_array(input_path, x_key)
         pred = np.asarray(model.predict(X))
-        tmp = output_path + ".tmp.npy"
-        np.save(tmp, pred, allow_pickle=False)
-        os.replace(tmp, output_path if output_path.endswith(".npy") else output_path)
+        write_atomic(output_path, lambda f: np.save(f, pred, allow_pickle=False))
     except SwimdistError as exc:
         _fail(exc)
     click.echo(f"wrote {pred.shape[0]} predictions to {output_path}")
@@ -270,18 +269,17 @@ def info(path) -> None:
 
 
 def _describe(path: str) -> None:
-    from . import storage
+    """Print a model file's or a feature store's description as YAML."""
+    from .models import load_arrays
+    from .store import describe_store
 
     if path.endswith(".npz"):
-        arrays, meta = storage.load_arrays(path)
+        arrays, meta = load_arrays(path)
         click.echo(yaml.safe_dump({"model": meta["estimator"], "params": meta["params"],
                                    "n_features_in": meta["n_features_in"],
                                    "fit_info": meta.get("fit_info", {})}, sort_keys=False))
         return
-    grp = storage._existing_group(path)
-    if grp is None:
-        raise storage.StoreError(f"Nothing at {path!r}.")
-    click.echo(yaml.safe_dump(dict(grp.attrs["swimdist"]), sort_keys=False))
+    click.echo(yaml.safe_dump(describe_store(path), sort_keys=False))
 
 
 @main.command("config")

@@ -6,14 +6,13 @@ import gzip
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 import urllib.request
 import zlib
 
 import numpy as np
 
 from . import config
+from ._io import write_atomic
 from .exceptions import ValidationError
 
 logger = logging.getLogger("swimdist.datasets")
@@ -91,6 +90,18 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _download(url: str, f, digest: str) -> None:
+    """Copy ``url`` into the open file ``f``; refuse content whose sha256 is not ``digest``
+    (raised inside :func:`swimdist._io.write_atomic`: the target is then left untouched)."""
+    h = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=60) as r:
+        for block in iter(lambda: r.read(1 << 20), b""):
+            h.update(block)
+            f.write(block)
+    if h.hexdigest() != digest:
+        raise ValidationError(f"checksum mismatch for {url}")
+
+
 def download_mnist(directory: str) -> None:
     """Download the four gzipped MNIST files into ``directory``, verifying their sha256."""
     os.makedirs(directory, exist_ok=True)
@@ -100,20 +111,12 @@ def download_mnist(directory: str) -> None:
             continue
         last = None
         for mirror in MNIST_MIRRORS:
-            fd, tmp = tempfile.mkstemp(dir=directory, suffix=".part")
-            os.close(fd)
             try:
                 logger.info("downloading %s%s", mirror, name)
-                with urllib.request.urlopen(mirror + name, timeout=60) as r, open(tmp, "wb") as f:
-                    shutil.copyfileobj(r, f)
-                if _sha256(tmp) != digest:
-                    raise ValidationError(f"checksum mismatch for {name} from {mirror}")
-                os.replace(tmp, target)
+                write_atomic(target, lambda f, url=mirror + name, d=digest: _download(url, f, d))
                 break
             except Exception as exc:  # noqa: BLE001 - try the next mirror
                 last = exc
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
         else:
             raise ValidationError(f"Could not download MNIST file {name}: {last}. Put the IDX "
                                   f"files in a directory and pass --data-dir.") from None

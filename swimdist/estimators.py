@@ -5,7 +5,7 @@
 
 1. sample the hidden layers from data pairs (:mod:`swimdist.sampling`);
 2. build the features ``A = [sigma(Phi(X) W + b), 1]`` block by block on the workers and keep
-   them in a Zarr store (:mod:`swimdist.features`, :mod:`swimdist.storage`);
+   them in a Zarr store (:mod:`swimdist.features`, :mod:`swimdist.store`);
 3. solve ``min ||A C - Y||`` with the chosen solver (:func:`swimdist.solve`).
 """
 
@@ -20,12 +20,13 @@ import dask
 import dask.array as da
 import numpy as np
 
-from . import config, storage
+from . import config
 from .activations import get_activation
 from .exceptions import DataConversionWarning, NotFittedError, ValidationError
-from .features import add_bias_column, block_rows, hidden_features
-from .lstsq import get_solver, solve
-from .lstsq._common import blas_for_local_threads
+from .design import build_design
+from .features import forward
+from .lstsq import check_options, get_solver, solve, solver_options
+from .models import MODEL_FORMAT, MODEL_VERSION, check_model_file, load_arrays, save_arrays
 from .sampling import SAMPLERS, Layer, sample_layers
 from .validation import (
     check_hidden_layer_sizes,
@@ -40,64 +41,12 @@ logger = logging.getLogger("swimdist.estimators")
 FEATURE_DTYPES = ("float64", "float32")
 
 
-def _remote_client():
-    """The active distributed Client if its cluster is not a LocalCluster, else None."""
-    try:
-        from distributed import get_client
-
-        client = get_client()
-    except (ImportError, ValueError):
-        return None
-    from distributed import LocalCluster
-
-    return None if isinstance(client.cluster, LocalCluster) else client
-
-
-def _fits_in_memory(n_rows: int, n_cols: int, dtype) -> bool:
-    """Whether the feature matrix takes at most a quarter of the memory a fit may use: the
-    ``swimdist.memory-budget``, else the workers' memory limits on a local cluster, else the
-    memory available now. The rest is room for the solve (gelsd copies ``A`` twice)."""
-    need = n_rows * n_cols * np.dtype(dtype).itemsize
-    budget = config.get("memory-budget")
-    if budget is not None:
-        return need <= dask.utils.parse_bytes(budget) / 4
-    try:
-        from distributed import get_client
-
-        workers = get_client().scheduler_info().get("workers", {})
-        limits = [w.get("memory_limit") or 0 for w in workers.values()]
-        if workers and all(limits):
-            return need <= sum(limits) / 4
-    except (ImportError, ValueError):
-        pass
-    import psutil
-
-    return need <= psutil.virtual_memory().available / 4
-
-
-def _row_blocks(X: np.ndarray, rows: int) -> da.Array:
-    """In-memory ``X`` as a dask array of ``rows``-row blocks. With a distributed client the
-    blocks are scattered straight to the workers: embedded in the graph, they would pass
-    through the scheduler, which keeps a copy of X for as long as the graph lives."""
-    try:
-        from distributed import get_client
-
-        client = get_client()
-    except (ImportError, ValueError):
-        return da.from_array(X, chunks=(rows, -1))
-    parts = [X[r:r + rows] for r in range(0, X.shape[0], rows)]
-    futures = client.scatter(parts, hash=False)  # equal data of two fits must not share keys
-    return da.concatenate([da.from_delayed(f, shape=p.shape, dtype=p.dtype)
-                           for f, p in zip(futures, parts, strict=True)])
-
-
 def _forward_numpy(X: np.ndarray, layers: list[Layer], coef, intercept, rows: int = 8192):
+    """Output-layer values of in-memory ``X``, ``rows`` at a time (the one forward pass,
+    :func:`swimdist.features.forward`)."""
     out = np.empty((X.shape[0], coef.shape[1]))
     for r in range(0, X.shape[0], rows):
-        z = np.asarray(X[r:r + rows], dtype=np.float64)
-        for layer in layers:
-            z = layer.apply(z)
-        out[r:r + rows] = z @ coef + intercept
+        out[r:r + rows] = forward(X[r:r + rows], layers) @ coef + intercept
     return out
 
 
@@ -183,6 +132,7 @@ class _SWIMBase:
         opts = self.solver_options or {}
         if not isinstance(opts, dict):
             raise ValidationError(f"solver_options must be a dict; got {type(opts).__name__}.")
+        check_options(self.solver, opts)
         if self.random_state is None:
             seed = int(np.random.SeedSequence().generate_state(1)[0])
         elif isinstance(self.random_state, np.random.RandomState):
@@ -197,7 +147,8 @@ class _SWIMBase:
                                       f"{self.random_state!r}.") from None
         return {"sizes": sizes, "rcond": check_nonnegative(self.rcond, "rcond"),
                 "alpha": check_nonnegative(self.alpha, "alpha"), "seed": seed,
-                "options": dict(opts)}
+                "options": ({"seed": seed} if "seed" in solver_options(self.solver) else {})
+                | dict(opts)}
 
     def _targets(self, y, n: int):
         """(Y for the solver (N, K), labels/targets for sampling (N, K'))."""
@@ -221,7 +172,6 @@ class _SWIMBase:
         Y, Ysample = self._targets(y, X.shape[0])
         self.n_features_in_ = X.shape[1]
         self.seed_ = p["seed"]
-        dtype = np.dtype(self.feature_dtype)
 
         layers = sample_layers(
             X, Ysample, p["sizes"], activation=self.activation, sampler=self.sampler,
@@ -229,73 +179,18 @@ class _SWIMBase:
             replace=self.replace,
         )
         t1 = time.perf_counter()
-
-        M = layers[-1].width
-        rows = block_rows(M + 1, dtype, self.chunk_rows)
-        Xd = X.rechunk((rows, -1)) if isinstance(X, da.Array) else _row_blocks(X, rows)
-        if isinstance(X, da.Array) and (
-            len(set(Xd.chunks[0][:-1])) > 1 or Xd.chunks[0][-1] > Xd.chunks[0][0]
-        ):
-            Xd = Xd.rechunk((rows, -1))
-
-        store, temporary = self.store, False
-        if store is None:
-            if _remote_client() is not None or _fits_in_memory(X.shape[0], M + 1, dtype):
-                store = "memory"
-            else:
-                store, temporary = storage.temporary_store_path(), True
-        info: dict = {"store": None if temporary else store}
-        lock = fp = None
-        persistent = store != "memory" and not temporary
-        try:
-            if self.solver == "split":
-                # Lazy, never computed whole: split-and-solve builds one neuron block at a time.
-                # In-memory X goes to the workers once, not with every block's graph.
-                Xd = Xd if isinstance(X, da.Array) else Xd.persist()
-                H = hidden_features(Xd, layers, dtype=dtype)
-                if persistent:  # no features are stored; the path keeps the solve checkpoint
-                    lock = storage.StoreLock(str(store)).acquire()
-                    fp = storage.fingerprint_job(x=storage.fingerprint_array(X), layers=layers,
-                                                 dtype=dtype.str, rows=rows)
-            elif store == "memory":
-                with blas_for_local_threads():
-                    A = hidden_features(Xd, layers, dtype=dtype, add_bias=True).persist()
-            else:
-                if not temporary:
-                    lock = storage.StoreLock(str(store)).acquire()
-                fp = storage.fingerprint_job(x=storage.fingerprint_array(X), layers=layers,
-                                             dtype=dtype.str, rows=rows)
-                with blas_for_local_threads():
-                    H, info["blocks"] = storage.build_feature_store(
-                        Xd, layers, str(store), fingerprint=fp, dtype=dtype)
+        with build_design(X, layers, store=self.store, dtype=self.feature_dtype,
+                          chunk_rows=self.chunk_rows, lazy=self.solver == "split") as A:
             t2 = time.perf_counter()
-            if store != "memory" or self.solver == "split":
-                A = add_bias_column(H)
-            opts = {"seed": p["seed"], **p["options"]}
-            checkpoint = None
-            if self.solver in ("normal-tiled", "auto") and "blocks" in info:
-                # Column-tile readers go straight to the store (see lstsq/tiled.py).
-                opts["feature_store"] = (str(store), storage.store_backend(str(store)).kind,
-                                         rows)
-            if persistent and fp is not None:
-                # An interrupted solve resumes from here: normal-tiled's Gram panels and CG
-                # state, LSQR's iterate (lsrn), split's solved blocks.
-                checkpoint = storage.SolveCheckpoint.for_store(str(store), fp)
-                if checkpoint is not None:
-                    opts["checkpoint"] = checkpoint
-            if self.solver == "split":
-                opts.update(intercept=True,
-                            column_norms=np.linalg.norm(layers[-1].weights, axis=0),
-                            block_features=lambda cols: hidden_features(Xd, layers, columns=cols,
-                                                                        dtype=dtype))
-            res = solve(A, Y, method=self.solver, rcond=p["rcond"], alpha=p["alpha"], **opts)
-            if checkpoint is not None:
-                checkpoint.remove()
-        finally:
-            if lock is not None:
-                lock.release()
-            if temporary:
-                storage.remove_store(store)
+            res = solve(A, Y, method=self.solver, rcond=p["rcond"], alpha=p["alpha"],
+                        **p["options"])
+            A.solved()
+        persistent = self.store not in (None, "memory")
+        info = {"store": str(self.store) if persistent else
+                ("memory" if A.placement == "memory" else None), "placement": A.placement}
+        if A.build_info:
+            info["blocks"] = A.build_info
+        M = layers[-1].width
         t3 = time.perf_counter()
         sol = np.asarray(res.solution, dtype=np.float64)
         self.layers_ = layers
@@ -363,7 +258,7 @@ class _SWIMBase:
         if params["random_state"] is not None and not isinstance(params["random_state"], int):
             params["random_state"] = self.seed_
         meta = {
-            "format": storage.MODEL_FORMAT, "version": storage.MODEL_VERSION,
+            "format": MODEL_FORMAT, "version": MODEL_VERSION,
             "estimator": type(self).__name__, "params": params,
             "activations": [layer.activation for layer in self.layers_],
             "n_features_in": int(self.n_features_in_), "seed": int(self.seed_),
@@ -371,7 +266,7 @@ class _SWIMBase:
             "fit_info": {k: v for k, v in self.fit_info_.items()
                          if isinstance(v, str | int | float | bool | type(None))},
         }
-        storage.save_arrays(str(path), arrays, meta)
+        save_arrays(str(path), arrays, meta)
         return str(path)
 
 
@@ -400,7 +295,7 @@ class SWIMRegressor(_SWIMBase):
         when it takes at most a quarter of the memory budget (``swimdist.memory-budget``,
         else the workers' limits, else the available memory), otherwise a temporary local
         Zarr store deleted after ``fit``. "memory": always in memory. A path or URL keeps a
-        resumable store there (see :mod:`swimdist.storage`).
+        resumable store there (see :mod:`swimdist.store`).
     feature_dtype : {"float64", "float32"}
     replace : bool
         Draw neuron pairs with replacement (the reference) or distinct pairs.
@@ -504,8 +399,8 @@ ESTIMATORS = {"SWIMRegressor": SWIMRegressor, "SWIMClassifier": SWIMClassifier}
 
 def load_model(path: str):
     """Load a model saved by ``save``; data only (arrays + JSON), nothing is unpickled."""
-    arrays, meta = storage.load_arrays(str(path))
-    _check_model_file(str(path), arrays, meta)
+    arrays, meta = load_arrays(str(path))
+    check_model_file(str(path), arrays, meta)
     cls = ESTIMATORS.get(meta.get("estimator"))
     if cls is None:
         from .exceptions import StoreError
@@ -536,61 +431,3 @@ def load_model(path: str):
         est.fit_info_["neuron_order"] = est.neuron_order_
     return est
 
-
-def _check_model_file(path: str, arrays: dict, meta: dict) -> None:
-    """Refuse a model file whose metadata or arrays do not fit together, naming what is wrong
-    (a damaged or hand-edited file must not fail later, deep inside ``predict``)."""
-    from .exceptions import StoreError
-
-    def bad(what: str) -> StoreError:
-        return StoreError(f"Model file {path!r} is damaged or inconsistent: {what}.")
-
-    def integer(key: str, low: int) -> int:
-        v = meta.get(key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise bad(f"{key!r} must be an integer >= {low}, not {v!r}")
-        return v
-
-    if not isinstance(meta.get("estimator"), str):
-        raise bad(f"'estimator' must be a name, not {meta.get('estimator')!r}")
-    params = meta.get("params")
-    if not isinstance(params, dict) or not isinstance(params.get("hidden_layer_sizes"), list):
-        raise bad("'params' must be a mapping with 'hidden_layer_sizes'")
-    if not isinstance(meta.get("fit_info", {}), dict):
-        raise bad("'fit_info' must be a mapping")
-    acts = meta.get("activations")
-    if not isinstance(acts, list) or not acts or not all(isinstance(a, str) for a in acts):
-        raise bad(f"'activations' must be a non-empty list of names, not {acts!r}")
-    for a in acts:
-        try:
-            get_activation(a)
-        except ValidationError as exc:
-            raise bad(str(exc).rstrip(".")) from None
-    width = integer("n_features_in", 1)
-    integer("seed", 0)
-    if meta.get("y_ndim", 1) not in (1, 2):
-        raise bad(f"'y_ndim' must be 1 or 2, not {meta.get('y_ndim')!r}")
-    for i in range(len(acts)):
-        W, b = arrays.get(f"W{i}"), arrays.get(f"b{i}")
-        if W is None or b is None:
-            raise bad(f"layer {i} has no array {'W' if W is None else 'b'}{i}")
-        if W.dtype.kind != "f" or b.dtype.kind != "f" or W.ndim != 2 or W.shape[0] != width \
-                or b.shape != (W.shape[1],) or not (np.isfinite(W).all() and np.isfinite(b).all()):
-            raise bad(f"layer {i} has weights {W.dtype}{W.shape} and biases {b.dtype}{b.shape}; "
-                      f"expected finite floats of shapes ({width}, M) and (M,)")
-        width = W.shape[1]
-    coef, intercept = arrays.get("coef"), arrays.get("intercept")
-    if coef is None or intercept is None:
-        raise bad(f"it has no array {'coef' if coef is None else 'intercept'}")
-    K = coef.shape[1] if coef.ndim == 2 else 1
-    if coef.dtype.kind != "f" or intercept.dtype.kind != "f" or coef.ndim not in (1, 2) \
-            or coef.shape[0] != width or intercept.shape != (K,) \
-            or not (np.isfinite(coef).all() and np.isfinite(intercept).all()):
-        raise bad(f"output weights {coef.dtype}{coef.shape} and intercept {intercept.dtype}"
-                  f"{intercept.shape} do not match the last layer's {width} neurons")
-    if meta["estimator"] == "SWIMClassifier":
-        classes = arrays.get("classes")
-        if classes is None or classes.ndim != 1 or len(classes) < 2 \
-                or K != (1 if len(classes) == 2 else len(classes)):
-            raise bad(f"a classifier needs 1-D 'classes' matching its {K} output(s); got "
-                      f"{None if classes is None else classes.shape}")

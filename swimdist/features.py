@@ -1,8 +1,9 @@
 """Lazy feature matrix: row-chunked X -> sigma(... sigma(X W1 + b1) ... W_L + b_L).
 
 Nothing here computes: every function returns a dask array whose blocks are generated on
-the workers from the row block of X and the layer parameters (which travel once per
-worker as a single graph key, never once per task).
+the workers from the row block of X and the layer parameters (sent to every worker once,
+:func:`swimdist._dask.broadcast`, never embedded per task). :func:`forward` is the one
+forward pass (feature blocks and prediction).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dask.array as da
 import numpy as np
 
 from . import config
+from ._dask import broadcast
 from .sampling import Layer
 
 
@@ -24,6 +26,12 @@ def block_rows(n_cols: int, dtype, chunk_rows: int | None = None) -> int:
     # blocks are computed in float64 and then cast: count both while both exist
     per_row = max(1, n_cols) * (8 + (itemsize if itemsize != 8 else 0))
     return max(1, min(rows, budget // per_row))
+
+
+def forward(x, layers: list[Layer]) -> np.ndarray:
+    """The hidden layers' output for rows ``x`` (numpy, float64): the one forward pass, used
+    for feature blocks on the workers and for prediction alike."""
+    return _forward(x, layers, None, np.float64, False)
 
 
 def _forward(x: np.ndarray, params, columns, dtype, add_bias: bool) -> np.ndarray:
@@ -77,7 +85,7 @@ def hidden_features(X, layers: list[Layer], *, columns=None, dtype="float64",
         cols = np.asarray(columns)
         last = layers[-1]
         layers[-1] = Layer(last.weights[:, cols], last.biases[cols], last.activation)
-    params = dask.delayed(layers, pure=True)
+    params = broadcast(layers)
     return X.map_blocks(
         _forward, params, None, dtype, add_bias,
         chunks=(X.chunks[0], (n_out,)), dtype=dtype, meta=np.empty((0, 0), dtype),
@@ -94,4 +102,5 @@ def add_bias_column(H: da.Array) -> da.Array:
     def _add(h):
         return np.concatenate([h, np.ones((h.shape[0], 1), dtype=h.dtype)], axis=1)
 
-    return H.map_blocks(_add, chunks=(H.chunks[0], (H.shape[1] + 1,)), dtype=H.dtype)
+    return H.map_blocks(_add, chunks=(H.chunks[0], (H.shape[1] + 1,)), dtype=H.dtype,
+                        meta=np.empty((0, 0), H.dtype))

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from typing import Any
 
@@ -24,8 +23,10 @@ import dask.config
 import numpy as np
 import yaml
 
-from . import config, datasets, storage
+from . import config, datasets
+from ._io import is_url, write_text_atomic
 from .exceptions import JobSpecError, SchedulerError, SwimdistError
+from .inputs import load_array
 
 logger = logging.getLogger("swimdist.service")
 
@@ -209,7 +210,7 @@ def validate_spec(spec: dict) -> None:
         for key in ("output", "store"):
             if spec[key] is not None:
                 spec[key] = confine(spec[key], root, key)
-        top = root.rstrip("/") if storage.is_url(root) else os.path.realpath(root)
+        top = root.rstrip("/") if is_url(root) else os.path.realpath(root)
         if spec["store"] is not None and spec["store"].rstrip("/") == top:
             raise JobSpecError(f"store {spec['store']!r} is the output root itself; use a "
                                "directory inside it (the store's lock file goes beside it).")
@@ -235,8 +236,8 @@ def validate_spec(spec: dict) -> None:
 def confine(path: str, root: str, key: str) -> str:
     """``path`` resolved under ``root`` (relative paths are taken relative to it); refuses a
     path that leaves ``root`` (``..``, absolute paths elsewhere, symlinks out, URLs)."""
-    if storage.is_url(path) or storage.is_url(root):
-        if storage.is_url(path) and storage.is_url(root) and (
+    if is_url(path) or is_url(root):
+        if is_url(path) and is_url(root) and (
                 path.rstrip("/") + "/").startswith(root.rstrip("/") + "/"):
             if "/../" in path + "/" or "/./" in path:
                 raise JobSpecError(f"{key} {path!r} must not contain '..' or '.' segments.")
@@ -252,24 +253,12 @@ def confine(path: str, root: str, key: str) -> str:
 
 # --------------------------------------------------------------------------- artifacts
 def _join(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name if storage.is_url(base) else os.path.join(base, name)
+    return base.rstrip("/") + "/" + name if is_url(base) else os.path.join(base, name)
 
 
 def write_json(path: str, obj: dict) -> None:
-    """Write JSON atomically (local: temp file + rename; fsspec URL: one object)."""
-    text = json.dumps(obj, indent=2, default=_json_default)
-    if storage.is_url(path):
-        import fsspec
-
-        with fsspec.open(path, "w") as f:
-            f.write(text)
-        return
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write JSON atomically (:func:`swimdist._io.write_atomic`: local paths and URLs)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default))
 
 
 def _json_default(o):
@@ -322,12 +311,12 @@ def load_data(data: dict, *, seed: int = 0):
     if ds == "mnist":
         X, y, Xt, yt = datasets.load_mnist(data["data_dir"], download=data["download"])
         return X, y, Xt, yt, "classification"
-    X = storage.load_array(data["path"], data["x_key"])
-    y = np.asarray(storage.load_array(data["path"], data["y_key"]))
+    X = load_array(data["path"], data["x_key"])
+    y = np.asarray(load_array(data["path"], data["y_key"]))
     Xt = yt = None
     if data["test_path"]:
-        Xt = storage.load_array(data["test_path"], data["x_key"])
-        yt = np.asarray(storage.load_array(data["test_path"], data["y_key"]))
+        Xt = load_array(data["test_path"], data["x_key"])
+        yt = np.asarray(load_array(data["test_path"], data["y_key"]))
     return X, y, Xt, yt, data["task"]
 
 
@@ -362,7 +351,7 @@ def run_job(spec: dict, *, performance_report: str | None = None, progress: bool
     from .cluster import connect
 
     out = spec["output"]
-    if not storage.is_url(out):
+    if not is_url(out):
         os.makedirs(out, exist_ok=True)
     status = StatusRecord(out)
     client = cluster = None

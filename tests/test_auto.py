@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import dask.array as da
@@ -130,6 +131,7 @@ def test_fallback_chain_ends_at_gelsd(monkeypatch):
     def refused(name):
         real = SOLVERS[name]
 
+        @functools.wraps(real)  # the registry reads the solver's options from its signature
         def fn(*args, **kw):
             res = real(*args, **kw)
             res.converged = False
@@ -154,6 +156,7 @@ def test_no_solver_accepted_warns(monkeypatch):
 
     real = SOLVERS["sketch-direct"]
 
+    @functools.wraps(real)
     def refused(*args, **kw):
         res = real(*args, **kw)
         res.converged = False

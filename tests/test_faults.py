@@ -24,10 +24,11 @@ import sys
 import numpy as np
 import pytest
 
-from swimdist import SWIMRegressor, load_model, storage
+from swimdist import SWIMRegressor, load_model
 from swimdist.datasets import sine
 from swimdist.exceptions import SchedulerError
 from swimdist.service import load_spec, run_job
+from swimdist.store import store_backend, verify_blocks
 from swimdist.testing import ProcessCluster, TaskFault, fault_fired
 
 # Each test starts a 3-process cluster and kills or restarts workers: about 3 minutes in all
@@ -143,10 +144,10 @@ def sha256(path) -> str:
 
 def store_intact(path: str) -> int:
     """Number of written blocks; asserts that every one of them verifies."""
-    backend = storage.store_backend(path)
+    backend = store_backend(path)
     meta = backend.meta()
     written = int(np.count_nonzero(backend.crcs()))
-    assert storage._verify_blocks(backend, meta["rows_per_block"]) == written
+    assert verify_blocks(backend, meta["rows_per_block"]) == written
     return written
 
 
@@ -238,7 +239,7 @@ def test_client_killed_leaves_a_lock_the_next_job_takes_over(tmp_path):
     """SIGKILL gives a job no chance to clean up: its lease names a dead process, so the
     next job on the store takes it over instead of waiting for the lease to expire."""
     store = tmp_path / "store"
-    code = ("import os, sys; from swimdist.storage import StoreLock; "
+    code = ("import os, sys; from swimdist.store import StoreLock; "
             "StoreLock(sys.argv[1], ttl=3600).acquire(); os.kill(os.getpid(), 9)")
     r = subprocess.run([sys.executable, "-c", code, str(store)], timeout=60)
     assert r.returncode == -signal.SIGKILL

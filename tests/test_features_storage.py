@@ -9,8 +9,9 @@ import zarr
 
 from swimdist.exceptions import StoreError, ValidationError
 from swimdist.features import block_rows, design_matrix, hidden_features
+from swimdist.inputs import load_array
 from swimdist.sampling import sample_layers
-from swimdist.storage import build_feature_store, fingerprint_job, load_array
+from swimdist.store import build_feature_store, fingerprint_job
 
 
 @pytest.fixture

@@ -35,11 +35,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from swimdist import SWIMClassifier, SWIMRegressor, load_model, solve, storage
+from swimdist import SWIMClassifier, SWIMRegressor, inputs, load_model, solve
 from swimdist.datasets import read_idx
 from swimdist.exceptions import DataConversionWarning, StoreError, SwimdistError
 from swimdist.lstsq import SOLVERS
 from swimdist.service import DEFAULT_SPEC, load_spec
+from swimdist.store import store_backend, verify_blocks
 
 with warnings.catch_warnings(), contextlib.suppress(ImportError):
     # Hypothesis imports this module when it reports a failing case; importing it here keeps
@@ -497,7 +498,7 @@ def _prop_load_array(data):
             and fmt != "npy" and (fmt != "zarr") else None
 
         def load():
-            out = storage.load_array(path, key, chunk_rows=2)
+            out = inputs.load_array(path, key, chunk_rows=2)
             return np.asarray(out.compute() if isinstance(out, da.Array) else out)
 
         out = attempt(f"load_array {fmt}", load, must_fail=must)
@@ -696,10 +697,10 @@ def built_store(tmp_path_factory):
 
 
 def _verified_blocks(path: str) -> tuple[int, int]:
-    backend = storage.store_backend(path)
+    backend = store_backend(path)
     meta = backend.meta()
     n = len(backend.crcs())
-    return storage._verify_blocks(backend, meta["rows_per_block"]), n
+    return verify_blocks(backend, meta["rows_per_block"]), n
 
 
 STORE_DAMAGE = ["none", "truncate", "flip", "append", "garbage", "delete"]

@@ -263,7 +263,8 @@ def test_sine_5000_by_1000_matches_direct(alpha):
 def test_lsqr_checkpoint_warm_starts_a_resumed_solve(tmp_path):
     import warnings
 
-    from swimdist.storage import SolveCheckpoint
+    from swimdist.design import DesignMatrix
+    from swimdist.store import SolveCheckpoint
     from swimdist.testing import make_lstsq_problem
 
     p = make_lstsq_problem(3000, 120, cond=1e8, n_rhs=2, noise=0.01, seed=11)
@@ -272,8 +273,10 @@ def test_lsqr_checkpoint_warm_starts_a_resumed_solve(tmp_path):
     ck = SolveCheckpoint(str(tmp_path / "ck"), "job")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the "interrupted" run stops at its iteration limit
-        solve(p["A"], p["Y"], checkpoint=ck, checkpoint_every=4, max_iter=9, **kw)
-    again = solve(p["A"], p["Y"], checkpoint=SolveCheckpoint(str(tmp_path / "ck"), "job"), **kw)
+        solve(DesignMatrix(p["A"], checkpoint=ck), p["Y"], checkpoint_every=4, max_iter=9,
+              **kw)
+    again = solve(DesignMatrix(p["A"], checkpoint=SolveCheckpoint(str(tmp_path / "ck"), "job")),
+                  p["Y"], **kw)
     assert again.info["resumed_at"] == 8
     assert again.iterations < ref.iterations
     assert again.relative_residual <= (1 + 1e-9) * ref.relative_residual

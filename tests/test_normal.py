@@ -91,7 +91,10 @@ def test_squares_the_condition_number_and_verify_repairs_it():
     p = make_lstsq_problem(600, 60, cond=1e10, n_rhs=1, noise=1e-8, seed=4)
     ref = solve(p["A"], p["Y"], method="direct", rcond=1e-12)
     plain = solve(p["A"], p["Y"], method="normal", rcond=1e-12)
-    assert plain.relative_residual > 10 * ref.relative_residual
+    # the directions the Gram matrix drops (rank 55 of 60) leave a residual several times
+    # gelsd's; how many times depends on the BLAS's rounding (9.8x to over 10x seen)
+    assert plain.rank < ref.rank
+    assert plain.relative_residual > 5 * ref.relative_residual
     ver = solve(p["A"], p["Y"], method="normal", rcond=1e-12, verify=True)
     assert ver.converged
     assert ver.info["unresolved_dim"] > 0

@@ -102,7 +102,7 @@ def test_gaussian_sketch_and_float32_storage():
     A32 = p["A"].astype(np.float32)
     ref = solve(A32.astype(np.float64), p["Y"], method="direct")
     res = solve(
-        da.from_array(A32, chunks=(100, 30)), p["Y"], method="sketch-direct", sketch_kind="gaussian"
+        da.from_array(A32, chunks=(100, 30)), p["Y"], method="sketch-direct", sketch="gaussian"
     )
     assert res.info["sketch"] == "gaussian"
     assert_lstsq_close(res, ref, rtol=1.5)
@@ -142,7 +142,7 @@ def test_distributed_cluster(local_cluster_factory):
     "kw, match",
     [
         (dict(truncation="qr"), "Unknown truncation 'qr'"),
-        (dict(sketch_kind="srht"), "Unknown sketch_kind 'srht'"),
+        (dict(sketch="srht"), "Unknown sketch 'srht'"),
         (dict(margin=0.5), "margin must be a finite number >= 1"),
         (dict(gamma=0.5), "gamma must be a finite number >= 1"),
     ],

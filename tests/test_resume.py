@@ -14,11 +14,11 @@ from swimdist import load_model
 
 
 def _argv(out, store):
-    # normal-tiled with tol 0 runs all of its 40 CG steps, a checkpoint every 2
+    # normal-tiled with cg_tol 0 runs all of its 40 CG steps, a checkpoint every 2
     return [sys.executable, "-m", "swimdist.cli", "train", "--dataset", "sine",
             "--n-train", "3000", "--n-test", "300", "--hidden", "150", "--seed", "3",
             "--chunk-rows", "500", "--n-workers", "1", "--solver", "normal-tiled",
-            "--solver-option", "tol=0", "--solver-option", "max_iter=40",
+            "--solver-option", "cg_tol=0", "--solver-option", "max_iter=40",
             "--solver-option", "checkpoint_every=2", "--solver-option", "tile=40",
             "--store", str(store), "-o", str(out)]
 

@@ -26,11 +26,11 @@ import dask.config
 import numpy as np
 import pytest
 
-from swimdist import SWIMRegressor, load_model, storage
+from swimdist import SWIMRegressor, load_model, models
 from swimdist.datasets import sine
 from swimdist.exceptions import JobSpecError, SchedulerError, StoreError, ValidationError
 from swimdist.service import load_spec, run_job
-from swimdist.storage import StoreLock
+from swimdist.store import STORE_VERSION, StoreLock
 from swimdist.testing import ProcessCluster
 
 SMALL = dict(hidden_layer_sizes=(20,), random_state=0, solver="direct", chunk_rows=100)
@@ -45,7 +45,7 @@ def cli(*args, env=None, timeout=180):
 # --------------------------------------------------------------------------- store locks
 HOLD = """
 import sys
-from swimdist.storage import StoreLock
+from swimdist.store import StoreLock
 lock = StoreLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 sys.stdin.read()  # hold the store until the test closes stdin
@@ -214,7 +214,7 @@ def test_load_model_never_unpickles(model_file, tmp_path):
 
 def test_models_are_written_as_data_only(tmp_path):
     with pytest.raises(ValidationError, match="dtype object"):
-        storage.save_arrays(str(tmp_path / "m.npz"), {"coef": np.array([object()])}, {})
+        models.save_arrays(str(tmp_path / "m.npz"), {"coef": np.array([object()])}, {})
     X, y = sine(300, seed=0)
     path = tmp_path / "model.npz"
     SWIMRegressor(**SMALL).fit(X, y).save(str(path))
@@ -224,13 +224,13 @@ def test_models_are_written_as_data_only(tmp_path):
 
 def test_model_from_newer_format_version_refused(model_file, tmp_path):
     arrays, meta = npz_contents(model_file)
-    meta["version"] = storage.MODEL_VERSION + 1
+    meta["version"] = models.MODEL_VERSION + 1
     arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     path = tmp_path / "future.npz"
     np.savez(path, **arrays)
-    with pytest.raises(StoreError, match=rf"format version {storage.MODEL_VERSION + 1}, newer "
+    with pytest.raises(StoreError, match=rf"format version {models.MODEL_VERSION + 1}, newer "
                                          rf"than this swimdist understands "
-                                         rf"\({storage.MODEL_VERSION}\); upgrade swimdist"):
+                                         rf"\({models.MODEL_VERSION}\); upgrade swimdist"):
         load_model(str(path))
 
 
@@ -242,9 +242,9 @@ def test_feature_store_from_newer_format_version_refused(tmp_path):
 
     grp = zarr.open_group(store=store, mode="r+")
     meta = dict(grp.attrs["swimdist"])
-    meta["version"] = storage.STORE_VERSION + 1
+    meta["version"] = STORE_VERSION + 1
     grp.attrs["swimdist"] = meta
-    with pytest.raises(StoreError, match=rf"format version {storage.STORE_VERSION + 1}; this "
+    with pytest.raises(StoreError, match=rf"format version {STORE_VERSION + 1}; this "
                                          rf"swimdist reads versions up to"):
         SWIMRegressor(store=store, **SMALL).fit(X, y)
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import dask.array as da
 import numpy as np
 import pytest
 
 from swimdist import SWIMRegressor, load_model, solve
+from swimdist.design import DesignMatrix
 from swimdist.exceptions import ValidationError
 from swimdist.features import hidden_features
 from swimdist.lstsq import SOLVERS
@@ -59,7 +62,8 @@ def test_one_block_with_intercept_equals_direct():
     A = np.c_[H, np.ones(200)]
     Y = rng.standard_normal((200, 1))
     ref = solve(A, Y, method="direct")
-    one = solve(A, Y, method="split", n_splits=1, split_order="ordered", intercept=True)
+    one = solve(DesignMatrix(A, bias=True), Y, method="split", n_splits=1,
+                split_order="ordered")
     np.testing.assert_allclose(one.solution, ref.solution, rtol=1e-9, atol=1e-11)
     assert one.info["bias"] == "every block"
 
@@ -165,7 +169,7 @@ def test_lsrn_as_sub_solver_matches_direct_sub_solver():
     kw = {"n_splits": 2, "split_order": "ordered"}
     ref = solve(p["A"], p["Y"], method="split", sub_solver="direct", **kw)
     res = solve(_as("dask", p["A"], rows=100), p["Y"], method="split", sub_solver="lsrn",
-                gamma=3.0, **kw)  # an option for the sub-solver
+                sub_options={"gamma": 3.0}, **kw)  # an option for the sub-solver
     assert res.info["sub_solver"] == "lsrn"
     assert res.relative_residual <= ref.relative_residual * (1 + 1e-6)
 
@@ -191,14 +195,14 @@ def test_block_features_builds_one_block_at_a_time():
         return hidden_features(Xd, layers, columns=cols)
 
     norms = np.linalg.norm(layers[-1].weights, axis=0)
-    res = solve(A, Y, method="split", n_splits=4, intercept=True, column_norms=norms,
-                block_features=block_features, split_sweeps=2, sweep_tol=0.0)
+    lazy = DesignMatrix(A, bias=True, column_norms=norms, block_builder=block_features)
+    res = solve(lazy, Y, method="split", n_splits=4, split_sweeps=2, sweep_tol=0.0)
     assert [len(c) for c in seen] == [6] * 8  # 4 blocks x 2 sweeps, never the full width
     np.testing.assert_array_equal(np.concatenate(seen[:4]), res.info["neuron_order"])
     # The same answer as slicing the materialized matrix.
     Am = A.compute()
-    ref = solve(Am, Y, method="split", n_splits=4, intercept=True, column_norms=norms,
-                split_sweeps=2, sweep_tol=0.0)
+    ref = solve(DesignMatrix(Am, bias=True, column_norms=norms), Y, method="split",
+                n_splits=4, split_sweeps=2, sweep_tol=0.0)
     np.testing.assert_allclose(res.solution, ref.solution, rtol=1e-9, atol=1e-12)
     assert res.solution.shape == (width + 1, 1)
 
@@ -216,8 +220,8 @@ def test_regressor_split_on_sine(sine_data, tmp_path):
     # The estimator's pipeline gives what solve() gives on the materialized design matrix.
     layer = est.layers_[0]
     A = np.c_[layer.apply(X), np.ones(len(X))]
-    ref = solve(A, y, method="split", intercept=True, seed=0,
-                column_norms=np.linalg.norm(layer.weights, axis=0), **opts)
+    ref = solve(DesignMatrix(A, bias=True, column_norms=np.linalg.norm(layer.weights, axis=0)),
+                y, method="split", seed=0, **opts)
     np.testing.assert_allclose(est.coef_[:, 0], ref.solution[:-1], rtol=1e-8, atol=1e-10)
     assert est.fit_info_["relative_residual"] == pytest.approx(ref.relative_residual, rel=1e-8)
     assert np.abs(est.predict(Xt) - yt).mean() < 1e-2
@@ -235,7 +239,7 @@ def test_regressor_split_on_sine(sine_data, tmp_path):
     np.testing.assert_array_equal(back.fit_info_["neuron_order"], order)
     np.testing.assert_allclose(back.predict(Xt), est.predict(Xt), rtol=0, atol=0)
     # Refitting with another solver drops the order.
-    est.set_params(solver="direct").fit(X, y)
+    est.set_params(solver="direct", solver_options=None).fit(X, y)
     assert not hasattr(est, "neuron_order_")
 
 
@@ -268,12 +272,20 @@ def test_same_model_from_one_and_two_worker_processes(sine_data):
     ({"sweep_tol": -1.0}, "sweep_tol must be"),
     ({"sub_solver": "split"}, "sub_solver cannot be 'split'"),
     ({"sub_solver": "nope"}, "Unknown solver 'nope'"),
-    ({"column_norms": np.ones(3)}, r"needs column_norms of shape \(36,\)"),
+    ({"sub_options": {"tolx": 1}}, "Unknown option 'tolx' for solver 'direct'"),
+    ({"sub_options": [1]}, "sub_options must be a dict"),
+    ({"column_norms": np.ones(3)}, "Unknown option 'column_norms' for solver 'split'"),
 ])
 def test_invalid_options(kw, match):
     p = _problem(0)
     with pytest.raises(ValidationError, match=match):
         solve(p["A"], p["Y"], method="split", **kw)
+
+
+def test_column_norms_of_the_wrong_shape():
+    p = _problem(0)
+    with pytest.raises(ValidationError, match=r"needs column_norms of shape \(36,\)"):
+        solve(DesignMatrix(p["A"], column_norms=np.ones(3)), p["Y"], method="split")
 
 
 def test_block_features_needs_norms_and_lazy_a():
@@ -283,27 +295,33 @@ def test_block_features_needs_norms_and_lazy_a():
     def bf(cols):
         return hidden_features(Xd, layers, columns=cols)
 
-    with pytest.raises(ValidationError, match="needs column_norms"):
-        solve(A, Y, method="split", intercept=True, block_features=bf)
-    with pytest.raises(ValidationError, match="block_features needs A as a"):
-        solve(A.compute(), Y, method="split", intercept=True, block_features=bf,
+    with pytest.raises(ValidationError, match="needs the design matrix's column_norms"):
+        solve(DesignMatrix(A, bias=True, block_builder=bf), Y, method="split")
+    with pytest.raises(ValidationError, match="a block builder needs A as a"):
+        solve(DesignMatrix(A.compute(), bias=True, block_builder=bf), Y, method="split",
               split_order="ordered")
 
 
 @pytest.mark.parametrize("sweeps", [1, 2])
 def test_interrupted_split_resumes_from_its_solved_blocks(tmp_path, monkeypatch, sweeps):
     import swimdist.lstsq as lstsq
-    from swimdist.storage import SolveCheckpoint
+    from swimdist.store import SolveCheckpoint
     from swimdist.testing import make_lstsq_problem
 
     p = make_lstsq_problem(600, 41, cond=1e3, n_rhs=2, noise=0.05, seed=7)
     kw = dict(method="split", n_splits=4, split_order="ordered", split_sweeps=sweeps,
-              sweep_tol=0.0, intercept=True)
-    ref = solve(p["A"], p["Y"], **kw)
+              sweep_tol=0.0)
+    ref = solve(DesignMatrix(p["A"], bias=True), p["Y"], **kw)
+
+    def with_checkpoint():
+        ck = SolveCheckpoint(str(tmp_path / "ck"), "job")
+        return DesignMatrix(p["A"], bias=True, checkpoint=ck)
+
     direct = lstsq.get_solver("direct")
     calls = []
     fail_at = 3 if sweeps == 1 else 6  # the process "dies" in this block solve
 
+    @functools.wraps(direct)  # the registry reads the solver's options from its signature
     def failing(*args, **kwargs):
         calls.append(1)
         if len(calls) == fail_at:
@@ -312,17 +330,18 @@ def test_interrupted_split_resumes_from_its_solved_blocks(tmp_path, monkeypatch,
 
     monkeypatch.setitem(lstsq.SOLVERS, "direct", failing)
     with pytest.raises(KeyboardInterrupt):
-        solve(p["A"], p["Y"], checkpoint=SolveCheckpoint(str(tmp_path / "ck"), "job"), **kw)
+        solve(with_checkpoint(), p["Y"], **kw)
     monkeypatch.setitem(lstsq.SOLVERS, "direct", direct)
     calls.clear()
     counted = []
 
+    @functools.wraps(direct)
     def counting(*args, **kwargs):
         counted.append(1)
         return direct(*args, **kwargs)
 
     monkeypatch.setitem(lstsq.SOLVERS, "direct", counting)
-    again = solve(p["A"], p["Y"], checkpoint=SolveCheckpoint(str(tmp_path / "ck"), "job"), **kw)
+    again = solve(with_checkpoint(), p["Y"], **kw)
     done = fail_at - 1
     assert again.info["resumed_after_blocks"] == done
     assert len(counted) == 4 * sweeps - done  # solved blocks are not solved (or built) again
@@ -338,9 +357,10 @@ def test_estimator_split_with_a_store_path_checkpoints_and_cleans_up(tmp_path, m
     seen = []
     orig = split_mod.solve_split
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("checkpoint"))
-        return orig(*args, **kwargs)
+    @functools.wraps(orig)
+    def spy(A, *args, **kwargs):
+        seen.append(A.checkpoint)
+        return orig(A, *args, **kwargs)
 
     monkeypatch.setitem(SOLVERS, "split", spy)
     X, y = sine(400, seed=0)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from swimdist import SWIMClassifier, solve
+from swimdist.design import DesignMatrix
 from swimdist.exceptions import ValidationError
 from swimdist.testing import make_lstsq_problem
 
@@ -22,7 +23,7 @@ def test_matches_direct_on_known_spectrum(tile, dtype):
     ref = solve(p["A"], p["Y"], rcond=1e-12)
     # tol 1e-7: the normal equations' residual is attainable to about cond^2 eps = 1e-8
     r = solve(p["A"], p["Y"], method="normal-tiled", rcond=1e-12, tile=tile, gram_dtype=dtype,
-              tol=1e-7)
+              cg_tol=1e-7)
     assert r.converged and r.info["cg_converged"]
     assert r.relative_residual <= 1.00001 * ref.relative_residual
     if dtype == "float32":
@@ -38,7 +39,7 @@ def test_cg_recovers_what_the_float32_preconditioner_damps():
     p = make_lstsq_problem(3000, 80, cond=1e5, n_rhs=2, noise=0.1, seed=1)
     ref = solve(p["A"], p["Y"], rcond=1e-12)
     r0 = solve(p["A"], p["Y"], method="normal-tiled", gram_dtype="float32", max_iter=0)
-    r = solve(p["A"], p["Y"], method="normal-tiled", gram_dtype="float32", tol=1e-10,
+    r = solve(p["A"], p["Y"], method="normal-tiled", gram_dtype="float32", cg_tol=1e-10,
               max_iter=200)
     assert r.iterations > 1 and r.info["cg_converged"]
 
@@ -58,16 +59,16 @@ def test_iteration_limit_warns():
     p = make_lstsq_problem(1000, 40, cond=1e6, n_rhs=1, seed=3)
     with pytest.warns(ConvergenceWarning, match="CG stopped after 1 steps"):
         r = solve(p["A"], p["Y"], method="normal-tiled", gram_dtype="float32", max_iter=1,
-                  tol=1e-14)
+                  cg_tol=1e-14)
     assert not r.converged and r.iterations == 1
 
 
 def test_checkpoint_resume_gives_the_same_solution(tmp_path):
-    from swimdist.storage import SolveCheckpoint
+    from swimdist.store import SolveCheckpoint
 
     p = make_lstsq_problem(1500, 70, cond=1e5, n_rhs=3, seed=4)
     # tol 0: every solve runs its 25 steps (and warns that it stopped there)
-    kw = dict(method="normal-tiled", gram_dtype="float32", tile=20, tol=0.0, max_iter=25)
+    kw = dict(method="normal-tiled", gram_dtype="float32", tile=20, cg_tol=0.0, max_iter=25)
     ck = SolveCheckpoint(str(tmp_path / "ck"), "job-1")
     import warnings
 
@@ -75,19 +76,20 @@ def test_checkpoint_resume_gives_the_same_solution(tmp_path):
         warnings.simplefilter("ignore")
         ref = solve(p["A"], p["Y"], **kw)
         # "interrupted" after 10 steps: its state at step 10 is on disk
-        solve(p["A"], p["Y"], checkpoint=ck, checkpoint_every=5, **{**kw, "max_iter": 10})
+        solve(DesignMatrix(p["A"], checkpoint=ck), p["Y"], checkpoint_every=5,
+              **{**kw, "max_iter": 10})
         assert sorted(f.name for f in (tmp_path / "ck").iterdir()) == [
             "checkpoint.json", "panel-0.npy", "panel-1.npy", "panel-2.npy", "panel-3.npy",
             "pcg.npz"]
-        again = solve(p["A"], p["Y"], checkpoint=SolveCheckpoint(str(tmp_path / "ck"), "job-1"),
-                      **kw)
+        again = solve(DesignMatrix(p["A"], checkpoint=SolveCheckpoint(str(tmp_path / "ck"),
+                                                                      "job-1")), p["Y"], **kw)
     assert again.info["panels_reused"] == 4
     np.testing.assert_array_equal(again.solution, ref.solution)
     # another job's checkpoint is discarded, not mixed in
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        other = solve(p["A"], 2 * p["Y"],
-                      checkpoint=SolveCheckpoint(str(tmp_path / "ck"), "job-2"), **kw)
+        other = solve(DesignMatrix(p["A"], checkpoint=SolveCheckpoint(str(tmp_path / "ck"),
+                                                                      "job-2")), 2 * p["Y"], **kw)
     assert other.info["panels_reused"] == 0
     np.testing.assert_allclose(other.solution, 2 * ref.solution, rtol=1e-8, atol=1e-10)
 
@@ -170,8 +172,9 @@ def test_blocked_cholesky_at_16500_columns_does_not_crash():
 @pytest.mark.parametrize("kw, msg", [
     ({"max_iter": -1}, "max_iter must be an integer >= 0"),
     ({"max_iter": 2.5}, "max_iter must be an integer >= 0"),
-    ({"tol": -1.0}, "tol must be a finite number >= 0"),
-    ({"tol": float("nan")}, "tol must be a finite number >= 0"),
+    ({"cg_tol": -1.0}, "cg_tol must be a finite number >= 0"),
+    ({"cg_tol": float("nan")}, "cg_tol must be a finite number >= 0"),
+    ({"tol": 1e-6}, "Unknown option 'tol' for solver 'normal-tiled'"),
     ({"checkpoint_every": 0}, "checkpoint_every must be an integer >= 1"),
     ({"ridge": -1e-3}, "ridge must be a finite number >= 0"),
     ({"precond_ridge": float("inf")}, "precond_ridge must be a finite number >= 0"),

@@ -1,21 +1,41 @@
 """Least-squares solvers for ``min ||A X - Y||_F`` with a relative singular-value cutoff.
 
 ``solve(A, Y, method=...)`` dispatches through the :data:`SOLVERS` registry. Every solver is
-one pure function ``fn(A, Y, *, rcond, alpha, **options) -> LstsqResult`` that honours the
-same ``rcond`` (singular values below ``rcond * sigma_max`` count as zero; minimum-norm
+one pure function ``fn(A, Y, *, rcond, alpha, <its options>) -> LstsqResult`` that honours
+the same ``rcond`` (singular values below ``rcond * sigma_max`` count as zero; minimum-norm
 solution over the kept subspace) and ``alpha`` (Tikhonov damping, ``alpha = damp**2``), so
-solvers are comparable on residual and accuracy. ``A`` may be a numpy array or a
-row-chunked dask array (rows = samples); ``Y`` has the same number of rows.
+solvers are comparable on residual and accuracy. ``A`` is a
+:class:`~swimdist.design.DesignMatrix` (what ``fit`` hands over: placement, store, checkpoint,
+block builder), or a numpy or row-chunked dask array (rows = samples) that ``solve`` wraps
+in one; ``Y`` has the same number of rows.
+
+Options are keyword-only parameters with one meaning each across solvers
+(:func:`solver_options` lists them; an unknown one is an error that names it):
+
+======================  =============================================================
+``seed``                seed of the randomized pieces (sketches, random orders)
+``gamma``               sketch rows ``s = ceil(gamma * n)``
+``tol``                 LSQR's ``atol = btol`` (lsrn; :mod:`.lsqr` has the formulas)
+``accept_tol``          accept ``X`` when the refinement step ``D`` has
+                        ``||A D|| <= accept_tol ||Y - A X||`` (normal, sketch-direct, auto)
+``cg_tol``              CG stop on the normal equations' relative residual (normal-tiled)
+``sweep_tol``           split: stop when a sweep lowers the residual by less than this
+``max_iter``            most Krylov iterations, one pass over ``A`` each
+``tile``                most columns per Gram-matrix tile
+======================  =============================================================
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable
 
 import numpy as np
 
+from .._dask import keep_alive
+from ..design import DesignMatrix, as_design
 from ..exceptions import ValidationError
 from ._common import column_norms, is_dask, residual_norms
 from .result import LstsqResult
@@ -46,13 +66,45 @@ def get_solver(name: str) -> Callable[..., LstsqResult]:
         ) from None
 
 
+def solver_options(method: str) -> tuple[str, ...]:
+    """The options solver ``method`` takes (besides ``rcond`` and ``alpha``), sorted.
+
+    Read from the solver function's keyword-only parameters; ``auto`` also takes every
+    option of its candidate solvers (:data:`.auto.CANDIDATES`).
+    """
+    fn = get_solver(method)
+    params = inspect.signature(fn).parameters.values()
+    names = {p.name for p in params if p.kind is p.KEYWORD_ONLY} - {"rcond", "alpha"}
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        if method != "auto":  # pragma: no cover - a registration error
+            raise TypeError(f"solver {method!r} takes **kwargs; list its options instead")
+        from .auto import CANDIDATES
+
+        for cand in CANDIDATES:
+            if cand in SOLVERS:
+                names |= set(solver_options(cand))
+    return tuple(sorted(names))
+
+
+def check_options(method: str, options: dict) -> None:
+    """Refuse options that solver ``method`` does not take, naming them and the valid ones."""
+    valid = solver_options(method)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        what = "option" if len(unknown) == 1 else "options"
+        raise ValidationError(
+            f"Unknown {what} {', '.join(map(repr, unknown))} for solver {method!r}; valid "
+            f"options are: {', '.join(valid) or 'none (rcond and alpha only)'}."
+        )
+
+
 def solve(A, Y, method: str = "direct", *, rcond: float = 1e-10, alpha: float = 0.0,
           **options) -> LstsqResult:
     """Solve ``min_X ||A X - Y||_F`` (plus ``alpha ||X||_F^2`` when ``alpha > 0``).
 
     Parameters
     ----------
-    A : array_like or dask.array.Array, shape (N, n)
+    A : DesignMatrix, array_like or dask.array.Array, shape (N, n)
         Design matrix; a dask array should be chunked along rows only.
     Y : array_like or dask.array.Array, shape (N,) or (N, K)
         Right-hand sides, solved together.
@@ -63,7 +115,8 @@ def solve(A, Y, method: str = "direct", *, rcond: float = 1e-10, alpha: float = 
     alpha : float
         Tikhonov damping (ridge); 0 for none.
     **options
-        Passed to the solver (e.g. ``seed``, ``tol``, ``max_iter``).
+        The solver's options (:func:`solver_options`; e.g. ``seed``, ``tol``,
+        ``max_iter``). An option the solver does not take raises ``ValidationError``.
 
     Returns
     -------
@@ -71,6 +124,10 @@ def solve(A, Y, method: str = "direct", *, rcond: float = 1e-10, alpha: float = 
         Solution, rank, per-column residual norms, relative residual, timings.
     """
     fn = get_solver(method)
+    check_options(method, options)
+    design = as_design(A) if isinstance(A, DesignMatrix) or getattr(A, "ndim", None) == 2 \
+        else None
+    A = design.array if design is not None else A
     if getattr(A, "ndim", None) != 2:
         raise ValidationError(
             f"A must be 2-D (samples x features); got shape {getattr(A, 'shape', None)}."
@@ -111,7 +168,8 @@ def solve(A, Y, method: str = "direct", *, rcond: float = 1e-10, alpha: float = 
             raise ValidationError("Y contains NaN or infinity.")
     Y2 = Y if y_ndim == 2 else Y[:, None]
     t0 = time.perf_counter()
-    res = fn(A, Y2, rcond=rcond, alpha=alpha, **options)
+    with keep_alive():  # constants and right-hand sides sent to the workers stay there
+        res = fn(design.with_array(A), Y2, rcond=rcond, alpha=alpha, **options)
     if res.residual_norm is None:
         t1 = time.perf_counter()
         res.residual_norm = residual_norms(A, res.solution, Y2)
@@ -131,7 +189,8 @@ from . import direct as _direct  # noqa: E402  (registers "direct")
 
 register("direct")(_direct.solve_direct)
 
-__all__ = ["SOLVERS", "LstsqResult", "get_solver", "register", "solve"]
+__all__ = ["SOLVERS", "LstsqResult", "check_options", "get_solver", "register", "solve",
+           "solver_options"]
 
 from . import lsrn as _lsrn  # noqa: E402  (registers "lsrn")
 

@@ -30,6 +30,8 @@ import time
 
 import numpy as np
 
+from .._dask import available_memory, configured_budget, worker_memory
+from ..design import as_design
 from ..exceptions import ConvergenceWarning, ValidationError
 from ._common import is_dask
 from .normal import trusted_rcond
@@ -39,7 +41,10 @@ logger = logging.getLogger("swimdist.lstsq")
 
 TASKS = ("classification", "regression")
 
-__all__ = ["TASKS", "choose", "looks_like_classification", "solve_auto"]
+#: The solvers ``auto`` may run; its options are theirs (each gets the ones it takes).
+CANDIDATES = ("direct", "normal", "sketch-direct", "lsrn", "normal-tiled", "split")
+
+__all__ = ["CANDIDATES", "TASKS", "choose", "looks_like_classification", "solve_auto"]
 
 
 def looks_like_classification(Y) -> bool:
@@ -49,28 +54,6 @@ def looks_like_classification(Y) -> bool:
     if Yn.shape[1] == 1:
         return bool(np.all(np.abs(Yn) == 1))
     return bool(np.all((Yn == 0) | (Yn == 1)) and np.all(Yn.sum(axis=1) == 1))
-
-
-def _cluster_workers() -> tuple[int, float | None]:
-    """Workers of the current distributed client and their smallest memory limit."""
-    try:
-        from distributed import get_client
-
-        client = get_client()
-    except (ImportError, ValueError):
-        return 0, None
-    workers = client.scheduler_info().get("workers", {})
-    limits = [w.get("memory_limit") or 0 for w in workers.values()]
-    return len(workers), (min(limits) if limits and min(limits) > 0 else None)
-
-
-def _available_memory() -> float:
-    try:
-        import psutil
-
-        return float(psutil.virtual_memory().available)
-    except ImportError:  # pragma: no cover - distributed depends on psutil
-        return float(8 * 2**30)
 
 
 def choose(
@@ -111,7 +94,7 @@ def choose(
         Solver names available (for ``split``).
     """
     N, n = int(shape[0]), int(shape[1])
-    mem = float(memory_limit) if memory_limit else _available_memory()
+    mem = float(memory_limit) if memory_limit else available_memory()
     resolved = classification or (alpha == 0 and rcond >= trusted_rcond(n))
     # "normal"'s tree reduction holds about five (n x n) partial sums per worker; past the
     # budget, stream column tiles of the Gram matrix from the feature store instead.
@@ -179,7 +162,7 @@ def solve_auto(
     tall_ratio: float = 8.0,
     direct_fraction: float = 0.25,
     max_unresolved: float = 0.25,
-    tol: float = 1e-2,
+    accept_tol: float = 1e-2,
     **options,
 ) -> LstsqResult:
     """Solve ``min ||A X - Y||_F`` with the solver the rules in the module doc pick.
@@ -191,33 +174,39 @@ def solve_auto(
     task : {"classification", "regression"}, optional
         The conditioning target; inferred from ``Y`` (one-hot / +-1: classification) if None.
     memory_limit : float, optional
-        Bytes the client may use for dense work (default: the available memory).
+        Bytes the client may use for dense work (default: ``swimdist.memory-budget``, else
+        the available memory).
     small_entries, tall_ratio, direct_fraction
         Thresholds for choosing ``direct`` (module doc).
     max_unresolved : float
         ``normal`` gives way to ``sketch-direct`` when the Gram matrix leaves more than this
         fraction of the columns unresolved.
-    tol : float
-        Relative residual reduction still possible at which a solution is accepted.
+    accept_tol : float
+        The acceptance test of ``normal`` and ``sketch-direct`` (their ``accept_tol``): a
+        solution is accepted when its refinement step ``D`` has ``||A D|| <= accept_tol
+        ||Y - A X||``.
     **options
-        Passed to the chosen solver (``seed``, ``gamma``, ``tile``...).
+        Options of the candidate solvers (:data:`CANDIDATES`: ``seed``, ``gamma``,
+        ``tile``...): each candidate receives the ones it takes. An option that none of them
+        takes is refused by :func:`swimdist.solve`.
 
     Returns
     -------
     LstsqResult
         ``method="auto"``; ``info["chosen"]``, ``info["reason"]``, ``info["attempts"]``.
     """
-    from . import SOLVERS
+    from . import SOLVERS, check_options, solver_options
 
+    check_options("auto", options)
     if task is not None and task not in TASKS:
         raise ValidationError(f"Unknown task {task!r}; valid tasks are: {', '.join(TASKS)}.")
     t0 = time.perf_counter()
+    design = as_design(A)
+    A = design.array
     if memory_limit is None:
-        from .. import config
-
-        memory_limit = config.get("memory-budget")  # set by `swimdist train --memory-limit`
+        memory_limit = configured_budget()  # set by `swimdist train --memory-limit`
     classification = (task == "classification") if task else looks_like_classification(Y)
-    n_workers, worker_memory = _cluster_workers() if is_dask(A) else (0, None)
+    n_workers, worker_limit, _ = worker_memory() if is_dask(A) else (0, None, None)
     gamma = float(options.get("gamma", 2.0))
     name, reason = choose(
         A.shape,
@@ -232,8 +221,8 @@ def solve_auto(
         direct_fraction=direct_fraction,
         gamma=gamma,
         registered=tuple(SOLVERS),
-        store_streaming=options.get("feature_store") is not None,
-        worker_memory=worker_memory,
+        store_streaming=design.reader is not None,
+        worker_memory=worker_limit,
     )
     t_choose = time.perf_counter() - t0
     logger.info(
@@ -248,7 +237,7 @@ def solve_auto(
     )
     N, n = A.shape
     fits = 8.0 * N * n * (1 if not is_dask(A) else 2) <= direct_fraction * (
-        float(memory_limit) if memory_limit else _available_memory()
+        float(memory_limit) if memory_limit else available_memory()
     )
     chain = [name]
     if name == "normal":
@@ -260,18 +249,19 @@ def solve_auto(
     for i, cand in enumerate(chain):
         if cand not in SOLVERS:
             continue
-        opts = dict(options)
-        Ac = A
+        takes = solver_options(cand)
+        opts = {k: v for k, v in options.items() if k in takes}
+        Ac = design
         if cand == "direct" and A.dtype != np.float64:
             # float32 storage: gelsd must still work in float64
-            Ac = A.astype(np.float64)
+            Ac = design.with_array(A.astype(np.float64))
         if cand == "normal-tiled":
             opts.setdefault("gram_dtype", "float32" if classification else "float64")
         if cand == "normal":
             if alpha == 0:
-                opts.update(verify=True, tol=tol, max_unresolved=max_unresolved)
+                opts.update(verify=True, accept_tol=accept_tol, max_unresolved=max_unresolved)
         elif cand == "sketch-direct":
-            opts.update(tol=tol)
+            opts.update(accept_tol=accept_tol)
         res = SOLVERS[cand](Ac, Y, rcond=rcond, alpha=alpha, **opts)
         ok = bool(res.converged)
         if cand == "normal" and alpha > 0:

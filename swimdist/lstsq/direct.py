@@ -12,14 +12,19 @@ import time
 
 import numpy as np
 
+from ..design import as_design
 from ..exceptions import ValidationError
 from ._common import is_dask, svd_solve
 from .result import LstsqResult
 
 
-def solve_direct(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, **_ignored) -> LstsqResult:
-    """Solve ``min ||A X - Y||_F`` densely with a relative singular-value cutoff ``rcond``."""
+def solve_direct(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0) -> LstsqResult:
+    """Solve ``min ||A X - Y||_F`` densely with a relative singular-value cutoff ``rcond``.
+
+    No options: gelsd (``alpha == 0``) or an SVD with filter factors (``alpha > 0``).
+    """
     t0 = time.perf_counter()
+    A = as_design(A).array
     A = A.compute() if is_dask(A) else np.asarray(A)
     Y = Y.compute() if is_dask(Y) else np.asarray(Y)
     t1 = time.perf_counter()

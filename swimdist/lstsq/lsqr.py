@@ -45,7 +45,8 @@ import dask.array as da
 import numpy as np
 
 from ..exceptions import ConvergenceWarning, ValidationError
-from ._common import column_norms, is_dask, row_chunked, rows_like
+from ..design import row_chunked, rows_like
+from ._common import column_norms, is_dask
 
 logger = logging.getLogger("swimdist.lstsq.lsqr")
 

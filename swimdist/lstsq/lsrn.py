@@ -42,6 +42,8 @@ import time
 import numpy as np
 
 from .. import config
+from .._dask import wait_for
+from ..design import as_design
 from ..exceptions import ValidationError
 from ..validation import check_positive_int
 from ._common import digest_array, is_dask
@@ -96,18 +98,20 @@ def solve_lsrn(
     sketch_block_bytes: int | str | None = None,
     persist: bool = True,
     delta: float = 1e-3,
-    checkpoint=None,
     checkpoint_every: int = 10,
-    **_ignored,
 ) -> LstsqResult:
     """Solve ``min ||A X - Y||_F`` (+ ``alpha ||X||_F^2``) with LSRN on row blocks of ``A``.
 
     Parameters
     ----------
-    A : ndarray or dask.array.Array, shape (N, n)
+    A : DesignMatrix, ndarray or dask.array.Array, shape (N, n)
         numpy, or row-chunked dask (from a Zarr store or still lazy). Passes over ``A``:
         one to persist it (``persist=True``, dask), one for the sketch, one per iteration,
-        plus one to start the iteration.
+        plus one to start the iteration. With a design matrix that has a ``checkpoint``,
+        LSQR saves its iterate there every ``checkpoint_every`` iterations; a solve started
+        again with the checkpoint of the same problem (the sketch is recomputed: it is
+        seeded) warm-starts from the last saved iterate instead of the sketch-and-solve
+        one, and converges to the same solution within ``tol``.
     Y : ndarray, shape (N, K)
         Right-hand sides, solved in lockstep.
     rcond : float
@@ -117,7 +121,9 @@ def solve_lsrn(
     gamma : float, optional
         Oversampling, ``s = ceil(gamma * n)`` (default ``swimdist.solver.gamma``, 2).
     tol : float, optional
-        Stopping tolerance (default ``swimdist.solver.tol``); see :mod:`.lsqr`.
+        LSQR's stopping tolerance, scipy's ``atol = btol = tol`` (default
+        ``swimdist.solver.tol``): a column stops when ``||r|| <= tol (||Y|| + ||B|| ||z||)``
+        or ``||B^T r|| <= tol ||B|| ||r||`` with ``B = [A; sqrt(alpha) I] P`` (:mod:`.lsqr`).
     max_iter : int, optional
         Iteration limit (default ``swimdist.solver.max-iter``); reaching it warns with
         :class:`~swimdist.exceptions.ConvergenceWarning` and returns the best iterate.
@@ -140,11 +146,8 @@ def solve_lsrn(
         reads ``A`` from its source: use it when ``A`` is in a store and memory is short.
     delta : float
         Failure probability of the Chebyshev bounds.
-    checkpoint : SolveCheckpoint, optional
-        LSQR saves its iterate there every ``checkpoint_every`` iterations; a solve started
-        again with the checkpoint of the same problem (the sketch is recomputed: it is
-        seeded) warm-starts from the last saved iterate instead of the sketch-and-solve one,
-        and converges to the same solution within ``tol``.
+    checkpoint_every : int
+        Iterations between saved LSQR iterates (with the design matrix's checkpoint).
 
     Returns
     -------
@@ -169,6 +172,8 @@ def solve_lsrn(
 
         sketch_block_bytes = parse_bytes(sketch_block_bytes)
     checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
+    design = as_design(A)
+    A, checkpoint = design.array, design.checkpoint
     n = A.shape[1]
     s = sketch_size(n, gamma)
     bounds = chebyshev_bounds(n, s, delta) if lsrn_iterations == "chebyshev" else None
@@ -177,7 +182,7 @@ def solve_lsrn(
     t0 = time.perf_counter()
     op = RowBlockOperator(A, persist=persist)
     if op.distributed:
-        _wait(op.A)
+        wait_for(op.A)
     timings["persist"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -270,15 +275,3 @@ def solve_lsrn(
         converged=bool(out.converged.all()),
         info=info,
     )
-
-
-
-def _wait(A) -> None:
-    """Block until a persisted dask array's futures (if any) are done."""
-    try:
-        from distributed import futures_of, wait
-    except ImportError:  # pragma: no cover - distributed is a dependency
-        return
-    futs = futures_of(A)
-    if futs:
-        wait(futs)

@@ -42,99 +42,29 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
 
-import dask
-import dask.array as da
 import numpy as np
 import scipy.linalg as sla
 
+from .._dask import single_thread_lapack
+from ..design import as_design, reduce_blocks
 from ..exceptions import ValidationError
-from ._common import blas_for_local_threads, is_dask, row_chunked, rows_like, single_thread_lapack
+from .kernels import accept_gain, gram_upper, verify_pass
 from .result import LstsqResult
 
 logger = logging.getLogger("swimdist.lstsq")
 
 #: Most columns per Gram product: numpy's SYRK path segfaults in OpenBLAS 0.3.31 at n >= 16000.
 TILE = 8000
-#: Rows converted to float64 at a time when ``A`` is stored in another dtype.
-CONVERT_BYTES = 64 * 2**20
 #: Eigenvalues below ``TRUST * n * eps * lambda_max`` are not resolved by the Gram matrix.
 TRUST = 16.0
 FACTORS = ("eigh", "cholesky")
 _EPS = float(np.finfo(np.float64).eps)
 
-__all__ = ["FACTORS", "TILE", "gram", "reduce_blocks", "solve_normal", "trusted_rcond"]
+__all__ = ["FACTORS", "TILE", "accept_gain", "gram", "solve_normal", "trusted_rcond"]
 
 
 # --------------------------------------------------------------------------- passes over A
-def _f64_pieces(a: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-    """``(start, rows as float64)`` pieces of ``a``, one at a time: ``a`` itself if float64."""
-    if a.dtype == np.float64:
-        yield 0, a
-        return
-    rows = max(1, CONVERT_BYTES // max(1, 8 * a.shape[1]))
-    for r in range(0, a.shape[0], rows):
-        yield r, np.asarray(a[r : r + rows], dtype=np.float64)
-
-
-def reduce_blocks(
-    fn: Callable[..., np.ndarray],
-    A,
-    others: Sequence = (),
-    consts: Sequence = (),
-    *,
-    length: int,
-    split_every: int | None = 4,
-) -> np.ndarray:
-    """Sum ``fn(A_i, *others_i, *consts)`` (a flat float64 vector) over the row blocks of ``A``.
-
-    ``A`` numpy: one call on the whole array (BLAS threads do the parallel work). ``A`` dask:
-    one task per row block on the workers, ``consts`` travel once as graph keys, and the
-    partial vectors are summed by a tree reduction (``split_every`` per node).
-    """
-    if not is_dask(A):
-        return np.asarray(fn(A, *[np.asarray(o) for o in others], *consts), dtype=np.float64)
-    A = row_chunked(A)
-    args = [A, "br"]
-    for j, o in enumerate(others):
-        args += [rows_like(o, A), f"b{j}"]
-    for c in consts:
-        args += [dask.delayed(c, pure=True), None]
-    parts = da.blockwise(
-        lambda *a: fn(*a)[None],
-        "bc",
-        *args,
-        new_axes={"c": int(length)},
-        adjust_chunks={"b": 1},
-        concatenate=True,
-        dtype=np.float64,
-        meta=np.empty((0, 0)),
-    )
-    with blas_for_local_threads():
-        return parts.sum(axis=0, split_every=split_every).compute()
-
-
-def _gram_upper(a: np.ndarray, y: np.ndarray, tile: int) -> np.ndarray:
-    """Upper tiles of ``[a y]^T [a y]`` for one row block, flattened; float64 accumulation."""
-    n, K = a.shape[1], y.shape[1]
-    m = n + K
-    out = np.zeros((m, m))
-    y = np.asarray(y, dtype=np.float64)
-    for r0, ab in _f64_pieces(a):
-        yb = y[r0 : r0 + ab.shape[0]]
-        for p0 in range(0, n, tile):
-            ap = ab[:, p0 : p0 + tile]
-            p1 = p0 + ap.shape[1]
-            for q0 in range(p0, n, tile):
-                # tile x tile products; the diagonal ones take numpy's SYRK path (safe < 16000)
-                q1 = min(q0 + tile, n)
-                out[p0:p1, q0:q1] += ap.T @ ab[:, q0:q1]
-            out[p0:p1, n:] += ap.T @ yb
-        out[n:, n:] += yb.T @ yb
-    return out.ravel()
-
-
 def gram(A, Y, *, tile: int = TILE, split_every: int | None = 4):
     """``(A^T A, A^T Y, Y^T Y)`` in one pass over ``A`` (numpy or row-chunked dask).
 
@@ -147,9 +77,7 @@ def gram(A, Y, *, tile: int = TILE, split_every: int | None = 4):
         raise ValidationError(f"tile must be a positive number of columns; got {tile!r}.")
     n, K = A.shape[1], Y.shape[1]
     m = n + K
-    flat = reduce_blocks(
-        lambda a, y: _gram_upper(a, y, tile), A, (Y,), length=m * m, split_every=split_every
-    )
+    flat = reduce_blocks(gram_upper, A, (Y,), (tile,), length=m * m, split_every=split_every)
     M = flat.reshape(m, m)
     return M[:n, :n], M[:n, n:], np.diagonal(M[n:, n:]).copy()
 
@@ -193,37 +121,6 @@ def _residual_from_gram(yty, b, x, xgx) -> np.ndarray | None:
     return None
 
 
-def accept_gain(
-    gain2: float, rr: float, *, tol: float, sigma_max: float, xnorm: float, ynorm: float, n: int
-) -> tuple[float, bool]:
-    """Relative possible residual reduction ``sqrt(gain2 / rr)`` and whether it is acceptable.
-
-    Acceptable: at most ``tol``, or below the rounding level of any backward-stable solver,
-    ``64 sqrt(n) eps (sigma_max ||X|| + ||Y||)`` (consistent systems have ``rr ~ 0``).
-    """
-    rel = math.sqrt(gain2 / max(rr, 1e-300))
-    floor = 64 * math.sqrt(n) * _EPS * (sigma_max * xnorm + ynorm)
-    return rel, bool(rel <= tol or math.sqrt(max(gain2, 0.0)) <= floor)
-
-
-def _verify_pass(a, y, V0, x):
-    """One row block: ``Z = a V0``, ``R = y - a x``; returns ``Z^T Z, Z^T R, ||R||^2, a^T R``."""
-    k, K = V0.shape[1], x.shape[1]
-    n = a.shape[1]
-    out = np.zeros(k * k + k * K + K + n * K)
-    o1, o2, o3 = k * k, k * k + k * K, k * k + k * K + K
-    y = np.asarray(y, dtype=np.float64)
-    W = np.concatenate([V0, x], axis=1)
-    for r0, ab in _f64_pieces(a):
-        P = ab @ W
-        Z, R = P[:, :k], y[r0 : r0 + ab.shape[0]] - P[:, k:]
-        out[:o1] += (Z.T @ Z).ravel()
-        out[o1:o2] += (Z.T @ R).ravel()
-        out[o2:o3] += np.einsum("ij,ij->j", R, R)
-        out[o3:] += (ab.T @ R).ravel()
-    return out
-
-
 def _verified(
     A, Y, lam, V, b, *, rcond, trust, tol, max_refine, max_unresolved, split_every, history, ynorm
 ):
@@ -250,7 +147,7 @@ def _verified(
     rank, converged, rr, x_out = int(res1.sum()), False, None, x
     for _it in range(max(1, max_refine)):
         flat = reduce_blocks(
-            _verify_pass,
+            verify_pass,
             A,
             (Y,),
             (V0, x),
@@ -314,13 +211,12 @@ def solve_normal(
     alpha: float = 0.0,
     factor: str | None = None,
     verify: bool = False,
-    tol: float = 1e-2,
+    accept_tol: float = 1e-2,
     max_refine: int = 3,
     max_unresolved: float = 1.0,
     trust: float = TRUST,
     tile: int = TILE,
     split_every: int | None = 4,
-    **_ignored,
 ) -> LstsqResult:
     """Solve ``min ||A X - Y||_F`` (+ ``alpha ||X||_F^2``) through the normal equations.
 
@@ -339,10 +235,13 @@ def solve_normal(
     verify : bool
         One more thin pass (and up to ``max_refine`` in all) checks and refines the solution
         in the subspace the Gram matrix cannot resolve (module doc); ``converged`` tells
-        whether the residual is within the relative amount ``tol`` of its minimum.
-        ``alpha == 0`` and ``factor="eigh"`` only.
-    tol : float
-        Accept when the residual could shrink by at most this relative amount (``verify``).
+        whether it passed the ``accept_tol`` test. ``alpha == 0`` and ``factor="eigh"`` only.
+    accept_tol : float
+        With ``verify``: accept ``X`` when the refinement step ``D`` it computes satisfies
+        ``||A D||_F <= accept_tol * ||Y - A X||_F`` (or is below the rounding floor of
+        :func:`.kernels.accept_gain`). For an exact step this bounds the residual:
+        ``||R||^2 - ||R_min||^2 <= accept_tol^2 ||R||^2``, i.e. ``||R|| <= ||R_min|| /
+        sqrt(1 - accept_tol^2)`` (about ``1 + accept_tol^2 / 2``: 1.00005 at 1e-2).
     max_refine : int
         Most verification passes.
     max_unresolved : float
@@ -361,6 +260,7 @@ def solve_normal(
         ``info``: ``factor``, ``sigma_max``, ``cond_kept`` (``sigma_max / sigma_min`` kept),
         with ``verify`` also ``unresolved_dim``, ``refine_gain``, ``verify_passes``.
     """
+    A = as_design(A).array
     factor = factor or ("eigh" if alpha == 0 else "cholesky")
     if factor not in FACTORS:
         raise ValidationError(
@@ -409,7 +309,7 @@ def solve_normal(
                 b,
                 rcond=rcond,
                 trust=trust,
-                tol=tol,
+                tol=accept_tol,
                 max_refine=max_refine,
                 max_unresolved=max_unresolved,
                 split_every=split_every,

@@ -21,7 +21,7 @@ Algorithm (``solver="sketch-direct"``)
    than gelsd will, the exact SVD then decides). ``X = V_r W_k S_k^{-1} U_k^T R^{-T} c``.
 5. Refinement: one pass computes ``R = Y - A X`` (its norm is the exact residual) and
    ``A^T R``; the same factorization gives the correction and the amount ``g`` by which the
-   residual could still shrink. ``g <= tol ||R||`` accepts (``converged``); otherwise the
+   residual could still shrink. ``g <= accept_tol ||R||`` accepts (``converged``); otherwise the
    correction is applied and the check repeats (``max_refine`` passes at most).
 
 Why it is accurate: forming ``A P`` row by row is backward stable in ``A`` (each row's rounding
@@ -53,19 +53,14 @@ import time
 import numpy as np
 import scipy.linalg as sla
 
+from .._dask import single_thread_lapack
+from ..design import as_design, reduce_blocks
 from ..exceptions import ValidationError
-from ._common import single_thread_lapack
-from .normal import (
-    CONVERT_BYTES,
-    TILE,
-    _f64_pieces,
-    _gram_upper,
-    _verify_pass,
-    accept_gain,
-    reduce_blocks,
-)
+from .kernels import CONVERT_BYTES, accept_gain, f64_pieces, gram_upper, verify_pass
+from .normal import TILE
 from .result import LstsqResult
-from .sketch import DEFAULT_NNZ, KINDS, sketch, sketch_size
+from .sketch import DEFAULT_NNZ, KINDS, sketch_size
+from .sketch import sketch as sketch_rows
 
 logger = logging.getLogger("swimdist.lstsq")
 
@@ -83,8 +78,8 @@ def _precond_gram(a: np.ndarray, y: np.ndarray, P: np.ndarray, tile: int) -> np.
     # rows at a time, so that a P stays within CONVERT_BYTES however tall the block
     step = max(1, CONVERT_BYTES // (8 * max(r, a.shape[1], 1)))
     for s0 in range(0, a.shape[0], step):
-        for r0, ab in _f64_pieces(a[s0 : s0 + step]):
-            out += _gram_upper(ab @ P, y[s0 + r0 : s0 + r0 + ab.shape[0]], tile)
+        for r0, ab in f64_pieces(a[s0 : s0 + step]):
+            out += gram_upper(ab @ P, y[s0 + r0 : s0 + r0 + ab.shape[0]], tile)
     return out
 
 
@@ -160,16 +155,15 @@ def solve_sketch_direct(
     rcond: float = 1e-10,
     alpha: float = 0.0,
     gamma: float = 2.0,
-    sketch_kind: str = "sparse-sign",
+    sketch: str = "sparse-sign",
     nnz: int = DEFAULT_NNZ,
     seed: int = 0,
     margin: float = 4.0,
     truncation: str = "exact",
-    tol: float = 1e-2,
+    accept_tol: float = 1e-2,
     max_refine: int = 2,
     tile: int = TILE,
     split_every: int | None = 4,
-    **_ignored,
 ) -> LstsqResult:
     """Solve ``min ||A X - Y||_F`` (+ ``alpha ||X||_F^2``) by a sketch-preconditioned direct solve.
 
@@ -184,7 +178,7 @@ def solve_sketch_direct(
         Tikhonov damping.
     gamma : float
         Sketch rows ``s = ceil(gamma n)``; must leave ``s <= N`` to save work.
-    sketch_kind : {"sparse-sign", "gaussian"}
+    sketch : {"sparse-sign", "gaussian"}
         Sketching matrix (:mod:`.sketch`); the Gaussian costs ``2 s N n`` flops.
     nnz : int
         Nonzeros per column of the sparse-sign sketch.
@@ -196,8 +190,10 @@ def solve_sketch_direct(
     truncation : {"exact", "sketch"}
         ``"exact"``: cutoff on ``A``'s singular values from the SVD of ``R Sigma_r`` (one r x r
         SVD more); ``"sketch"``: cutoff on the sketch's singular values only (``margin`` 1).
-    tol : float
-        Accept when the residual could shrink by at most this relative amount.
+    accept_tol : float
+        Accept ``X`` when the refinement step ``D`` satisfies ``||A D||_F <= accept_tol *
+        ||Y - A X||_F`` (the same test as ``normal``'s ``accept_tol``: the residual is then
+        within a factor ``1 / sqrt(1 - accept_tol^2)`` of its minimum).
     max_refine : int
         Most refinement passes (0: none; the residual is then left to :func:`solve`).
     tile : int
@@ -215,12 +211,13 @@ def solve_sketch_direct(
         raise ValidationError(
             f"Unknown truncation {truncation!r}; valid truncations are: {', '.join(TRUNCATIONS)}."
         )
-    if sketch_kind not in KINDS:
+    if sketch not in KINDS:
         raise ValidationError(
-            f"Unknown sketch_kind {sketch_kind!r}; valid kinds are: {', '.join(KINDS)}."
+            f"Unknown sketch {sketch!r}; valid sketches are: {', '.join(KINDS)}."
         )
     if not np.isfinite(margin) or margin < 1:
         raise ValidationError(f"margin must be a finite number >= 1; got {margin!r}.")
+    A = as_design(A).array
     exact = truncation == "exact" and alpha == 0
     N, n = A.shape
     K = Y.shape[1]
@@ -228,7 +225,8 @@ def solve_sketch_direct(
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    SA, _ = sketch(A, None, s=s, kind=sketch_kind, seed=seed, nnz=nnz, split_every=split_every)
+    SA, _ = sketch_rows(A, None, s=s, kind=sketch, seed=seed, nnz=nnz,
+                        split_every=split_every)
     t1 = time.perf_counter()
     timings["sketch"] = t1 - t0
     if not np.isfinite(SA).all():
@@ -249,7 +247,7 @@ def solve_sketch_direct(
     t2 = time.perf_counter()
     timings["svd"] = t2 - t1
     info: dict = {
-        "sketch": sketch_kind,
+        "sketch": sketch,
         "s": s,
         "gamma": gamma,
         "seed": seed,
@@ -294,7 +292,7 @@ def solve_sketch_direct(
     resid, converged = None, True
     for it in range(int(max_refine)):
         out = reduce_blocks(
-            _verify_pass, A, (Y,), (np.zeros((n, 0)), X), length=K + n * K, split_every=split_every
+            verify_pass, A, (Y,), (np.zeros((n, 0)), X), length=K + n * K, split_every=split_every
         )
         rr, g = out[:K], out[K:].reshape(n, K)
         if alpha > 0:
@@ -305,7 +303,7 @@ def solve_sketch_direct(
         rel, converged = accept_gain(
             float(gain2.sum()),
             float(rr.sum()),
-            tol=tol,
+            tol=accept_tol,
             sigma_max=info["sigma_max"],
             xnorm=float(np.linalg.norm(X)),
             ynorm=ynorm,

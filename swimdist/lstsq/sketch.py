@@ -43,7 +43,8 @@ import scipy.sparse as sp
 from scipy.linalg.blas import dgemm
 
 from ..exceptions import ChunkingError, ValidationError
-from ._common import is_dask, row_chunked, rows_like
+from ..design import row_chunked, rows_like
+from ._common import is_dask
 
 #: Rows per key block: the granularity at which the random stream is keyed.
 KEY_ROWS = 1024

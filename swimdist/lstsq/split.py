@@ -31,7 +31,7 @@ An integer array (a permutation of the neuron columns) is used as given.
 
 The bias column
 ---------------
-With ``intercept=True`` the last column of ``A`` is the all-ones bias column of the output
+With a design matrix whose ``bias`` flag is set, the last column of ``A`` is the all-ones bias column of the output
 layer. It takes no part in the ordering: it is appended to *every* block, so each block
 solve also re-centres the residual, and the intercept is the sum of the blocks' bias
 coefficients. (Measured on the sine problem this is as accurate as or more accurate than
@@ -40,11 +40,11 @@ solving it with the first block only; and it makes one block identical to the fu
 Memory and data movement
 ------------------------
 With a numpy ``A`` everything runs in memory with numpy. With a dask ``A`` (row-chunked,
-one column chunk) or a ``block_features`` callable, one block at a time is built on the
+one column chunk) or a design matrix with a block builder, one block at a time is built on the
 workers and persisted there (generated once, used by the sub-solver and the residual
 update, then released), and the residual ``R`` (N x K) stays persisted on the workers in
 ``A``'s row chunks: ``R_j = R_{j-1} - A_j c_j`` runs row block by row block, and the task
-graph does not grow from block to block. ``block_features(columns)`` returns the lazy
+graph does not grow from block to block. ``design.block_features(columns)`` returns the lazy
 (row-chunked) features of just those neurons, so the full ``A`` is never built: the
 memory for features at any time is one block (plus what the sub-solver needs: ``"direct"``
 gathers that block on the client). Extra sweeps build every block again.
@@ -57,14 +57,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-
-import dask.array as da
 import numpy as np
 
+from .._dask import wait_for
 from ..exceptions import ValidationError
+from ..features import add_bias_column
 from ._common import column_norms as _column_norms
-from ._common import digest_array, is_dask, row_chunked, rows_like
+from ..design import as_design, row_chunked, rows_like
+from ._common import digest_array, is_dask
 from .result import LstsqResult
 
 logger = logging.getLogger("swimdist.lstsq.split")
@@ -111,39 +111,23 @@ def neuron_order(n: int, split_order, *, norms: np.ndarray | None = None,
     return np.argsort(-key if split_order == "norm-desc" else key, kind="stable").astype(np.intp)
 
 
-def _ones_column(B: da.Array) -> da.Array:
-    """``[B, 1]`` for a row-chunked dask array (built on the workers)."""
-    def _add(b):
-        return np.concatenate([b, np.ones((b.shape[0], 1), dtype=b.dtype)], axis=1)
-
-    return B.map_blocks(_add, chunks=(B.chunks[0], (B.shape[1] + 1,)), dtype=B.dtype,
-                        meta=np.empty((0, 0), B.dtype))
-
-
-def _settle(x: da.Array) -> None:
-    """Wait until a persisted array is in worker memory (for honest stage timings)."""
-    try:
-        from distributed import default_client, wait
-
-        default_client()
-    except (ImportError, ValueError):
-        return  # no distributed client: persist() already computed it
-    wait(x)
-
-
 def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int = 4,
                 split_order="norm", sub_solver: str = "direct", split_sweeps: int = 1,
-                sweep_tol: float = 1e-3, intercept: bool = False,
-                column_norms: np.ndarray | None = None,
-                block_features: Callable[[np.ndarray], da.Array] | None = None,
-                seed: int = 0, checkpoint=None, **sub_options) -> LstsqResult:
+                sweep_tol: float = 1e-3, seed: int = 0,
+                sub_options: dict | None = None) -> LstsqResult:
     """Solve ``min ||A X - Y||_F`` block by block over ordered column blocks (see module doc).
 
     Parameters
     ----------
-    A : ndarray or dask array, shape (N, n)
-        The design matrix. With ``block_features`` only its shape and row chunks are used
-        (pass the lazy full matrix; it is never computed).
+    A : DesignMatrix, ndarray or dask array, shape (N, n)
+        The design matrix. Its ``bias`` flag marks the last column as the all-ones bias
+        column (solved with every block); its ``column_norms`` (the norms of the neurons'
+        weight vectors) feed the ``"norm"`` orders; with a block builder
+        (:meth:`~swimdist.design.DesignMatrix.block_features`) only the array's shape and
+        row chunks are used (the lazy full matrix is never computed); its ``checkpoint``
+        keeps the coefficients and residual after every block, so that a solve of the same
+        problem started again skips the blocks already solved (their features are never
+        generated again) and reaches the same solution.
     Y : ndarray or dask array, shape (N, K)
     rcond, alpha : float
         Cutoff and Tikhonov damping of every block solve. With ``alpha > 0`` each block is
@@ -158,23 +142,12 @@ def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int
         Maximum number of block Gauss-Seidel sweeps.
     sweep_tol : float
         Stop when a sweep lowers the relative residual by less than ``sweep_tol`` times it.
-    intercept : bool
-        The last column of ``A`` is the all-ones bias column: solved with every block.
-    column_norms : ndarray, shape (n_neurons,), optional
-        Norms of the neurons' weight vectors for the ``"norm"`` orders
-        (``n_neurons = n - 1`` with ``intercept``, else ``n``).
-    block_features : callable, optional
-        ``block_features(columns) -> dask array (N, len(columns))``: the features of just
-        those neuron columns, generated on the workers, with ``A``'s row chunks.
     seed : int
         Seed of the ``"random"`` order; sub-solver seeds are derived from it per block
         (``SeedSequence([seed, sweep, block])``).
-    checkpoint : SolveCheckpoint, optional
-        After every block the coefficients so far and the residual are saved there; a solve
-        of the same problem started again skips the blocks already solved (their features
-        are never generated again) and reaches the same solution.
-    **sub_options
-        Passed to the sub-solver (e.g. ``gamma``, ``tol`` for ``"lsrn"``).
+    sub_options : dict, optional
+        Options of the sub-solver (e.g. ``{"gamma": 3, "tol": 1e-10}`` for ``"lsrn"``);
+        unknown ones are refused.
 
     Returns
     -------
@@ -184,13 +157,22 @@ def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int
         ``blocks`` (block sizes), ``block_residuals`` (one list per sweep), ``sweeps``,
         ``stop_reason``, ``block_ranks``, ``sub_solver``, ``split_order``, ``bias``.
     """
-    from . import get_solver  # late: the registry imports this module
+    from . import check_options, get_solver, solver_options  # late: the registry imports us
 
     t_start = time.perf_counter()
+    design = as_design(A)
+    A, intercept, column_norms = design.array, design.bias, design.column_norms
+    block_features = design.block_builder
+    checkpoint = design.checkpoint
     N, n = A.shape
     if sub_solver == "split":
         raise ValidationError("sub_solver cannot be 'split'; choose e.g. 'direct'.")
     sub = get_solver(sub_solver)
+    if sub_options is not None and not isinstance(sub_options, dict):
+        raise ValidationError(f"sub_options must be a dict; got {type(sub_options).__name__}.")
+    sub_options = dict(sub_options or {})
+    check_options(sub_solver, sub_options)
+    takes_seed = "seed" in solver_options(sub_solver)
     n_neurons = n - int(bool(intercept))
     if isinstance(n_splits, bool) or not isinstance(n_splits, int | np.integer) or n_splits < 1:
         raise ValidationError(f"n_splits must be a positive integer; got {n_splits!r}.")
@@ -206,13 +188,14 @@ def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int
     if not np.isfinite(sweep_tol) or sweep_tol < 0:
         raise ValidationError(f"sweep_tol must be a finite number >= 0; got {sweep_tol!r}.")
     if block_features is not None and not is_dask(A):
-        raise ValidationError("block_features needs A as a (lazy) row-chunked dask array giving "
-                              "the shape and row chunks of the design matrix.")
+        raise ValidationError("a block builder needs A as a (lazy) row-chunked dask array "
+                              "giving the shape and row chunks of the design matrix.")
     norms = column_norms
     if norms is None and isinstance(split_order, str) and split_order.startswith("norm"):
         if block_features is not None:
-            raise ValidationError(f"split_order={split_order!r} with block_features needs "
-                                  "column_norms (the norms of the neurons' weight vectors).")
+            raise ValidationError(f"split_order={split_order!r} with a block builder needs "
+                                  "the design matrix's column_norms (the norms of the "
+                                  "neurons' weight vectors).")
         norms = _column_norms(A[:, :n_neurons])
     order = neuron_order(n_neurons, split_order, norms=norms, seed=seed)
     groups = list(np.array_split(order, n_splits))
@@ -244,11 +227,11 @@ def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int
             B = row_chunked(B)
             if B.chunks[0] != A.chunks[0]:
                 B = B.rechunk({0: A.chunks[0]})
-            B = _ones_column(B) if intercept else B
+            B = add_bias_column(B) if intercept else B
         else:
             B = A[:, np.r_[cols, n - 1] if intercept else cols]
         B = B.persist()
-        _settle(B)
+        wait_for(B)  # in worker memory: honest stage timings
         return B
 
     history: list[float] = []
@@ -314,7 +297,8 @@ def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int
             B = block(cols)
             t1 = time.perf_counter()
             sub_seed = int(np.random.SeedSequence([seed, sweep, j]).generate_state(1)[0])
-            res = sub(B, Rn, rcond=rcond, alpha=alpha, seed=sub_seed, **sub_options)
+            seed_kw = {"seed": sub_seed} if takes_seed else {}
+            res = sub(B, Rn, rcond=rcond, alpha=alpha, **seed_kw, **sub_options)
             d = np.asarray(res.solution, dtype=np.float64).reshape(-1, K)
             t2 = time.perf_counter()
             for key, sec in res.timings.items():  # the sub-solver's stages, summed over blocks

@@ -24,13 +24,13 @@ damped).
 This squares the condition number like ``normal``: use it for classification and other
 targets that need no more than ~1e-6 relative resolution (``auto`` picks it only then).
 
-Resume: with ``checkpoint`` (a :class:`swimdist.storage.SolveCheckpoint`), each panel is
+Resume: with the design matrix's ``checkpoint`` (:mod:`swimdist.store.checkpoint`), each panel is
 written there by the task that computed it, and the CG state every ``checkpoint_every``
 steps; a solve started again with the same checkpoint reuses the panels it finds and
 continues from the last CG state, reaching the same solution as an uninterrupted one.
 
 Reused from elsewhere: potrf, trsm and GEMM from scipy.linalg / numpy; the per-row-block CG
-pass is :func:`.normal.reduce_blocks` (dask blockwise + tree reduction). Written by hand:
+pass is :func:`swimdist.design.reduce_blocks` (dask blockwise + tree reduction). Written by hand:
 the panel scheduling (dask.array cannot express it without holding a tile per row block),
 the Cholesky on panels (LAPACK's potrf on the whole matrix segfaults at n ~ 20 000 in
 current OpenBLAS wheels, and would need the full square), and block CG (scipy's ``cg``
@@ -47,10 +47,12 @@ import time
 import numpy as np
 import scipy.linalg as sla
 
+from .._dask import current_client, single_thread_lapack
+from ..design import as_design, reduce_blocks, row_chunked, rows_like
 from ..exceptions import ConvergenceWarning, ValidationError
 from ..validation import check_nonnegative, check_positive_int
-from ._common import digest_array, is_dask, row_chunked, rows_like, single_thread_lapack
-from .normal import _f64_pieces, reduce_blocks
+from ._common import digest_array, is_dask
+from .kernels import f64_pieces
 from .result import LstsqResult
 
 logger = logging.getLogger("swimdist.lstsq")
@@ -107,7 +109,7 @@ def _panel_task(source, Y, n_feat, bias, N, rows, p, width, gram_dtype, out=None
         gemm(1.0, bq.T, bp, beta=1.0, c=acc.T, overwrite_c=1)
     if out is None:
         return acc
-    from ..storage import save_npy_atomic
+    from ..store import save_npy_atomic
 
     directory, name = out
     return save_npy_atomic(directory, name, acc)
@@ -200,7 +202,7 @@ def _ne_pass(a: np.ndarray, P: np.ndarray, bias: int) -> np.ndarray:
     (converted a slice of rows at a time; the bias column is never materialized)."""
     nf = a.shape[1]
     out = np.zeros((nf + bias, P.shape[1]))
-    for _, ab in _f64_pieces(a):
+    for _, ab in f64_pieces(a):
         t = ab @ P[:nf]
         if bias:
             t += P[nf]
@@ -216,7 +218,7 @@ def _residual_pass(a: np.ndarray, y: np.ndarray, x: np.ndarray, bias: int) -> np
     n = nf + bias
     out = np.zeros(n * K + K)
     acc = out[:n * K].reshape(n, K)
-    for r, ab in _f64_pieces(a):
+    for r, ab in f64_pieces(a):
         res = np.asarray(y[r:r + ab.shape[0]], dtype=np.float64) - ab @ x[:nf]
         if bias:
             res -= x[nf]
@@ -277,13 +279,11 @@ class _StorePasses:
         return out
 
 
-def _gram_panels(A, Y, n, K, *, feature_store, tile, gdt, checkpoint):
-    """The upper triangle of ``[A | Y]^T [A | Y]`` as float64 row panels."""
-    if feature_store is not None:
-        from ..storage import store_backend
-
-        url, fmt, _ = feature_store  # panel tasks choose their own row blocks (below)
-        source = store_backend(url, fmt).reader  # called on the worker: opens the store there
+def _gram_panels(A, Y, n, K, *, reader, tile, gdt, checkpoint):
+    """The upper triangle of ``[A | Y]^T [A | Y]`` as float64 row panels (``reader``: the
+    store's column reader, called on the worker: it opens the store there)."""
+    if reader is not None:
+        source = reader  # panel tasks choose their own row blocks (below)
         n_feat, bias = n - 1, 1
     elif not is_dask(A):
         source, n_feat, bias = np.asarray(A), n, 0  # A's columns, bias included
@@ -306,12 +306,7 @@ def _gram_panels(A, Y, n, K, *, feature_store, tile, gdt, checkpoint):
             logger.info("normal-tiled: %d of %d Gram panels reused from the checkpoint", done,
                         len(tiles))
     todo = [i for i in range(len(tiles)) if panels[i] is None]
-    try:
-        from distributed import as_completed, get_client
-
-        client = get_client()
-    except (ImportError, ValueError):
-        client = None
+    client = current_client()
     N = A.shape[0]
     if source is None:
         for i in todo:
@@ -325,6 +320,8 @@ def _gram_panels(A, Y, n, K, *, feature_store, tile, gdt, checkpoint):
                                          tiles[i], width, gdt)
             r0 = r1
     elif client is not None and todo:
+        from distributed import as_completed
+
         Yf = client.scatter(Y, broadcast=True)
         futs = {}
         for i in todo:  # widest panels first: they take longest
@@ -350,26 +347,27 @@ def _gram_panels(A, Y, n, K, *, feature_store, tile, gdt, checkpoint):
 
 
 def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
-                       feature_store=None, tile: int = TILE, gram_dtype: str = "float64",
+                       tile: int = TILE, gram_dtype: str = "float64",
                        ridge: float | None = None, precond_ridge: float | None = None,
-                       max_iter: int = 40, tol: float = 3e-5, checkpoint=None,
-                       checkpoint_every: int = 5, **_ignored) -> LstsqResult:
+                       max_iter: int = 40, cg_tol: float = 3e-5,
+                       checkpoint_every: int = 5) -> LstsqResult:
     """Memory-bounded normal equations: a panelled Gram matrix preconditions block CG.
 
     Parameters
     ----------
-    A : ndarray or dask array (N, n)
-        The design matrix ``[H, 1]`` (used for the CG passes and, without
-        ``feature_store``, for the panels).
+    A : DesignMatrix, ndarray or dask array (N, n)
+        The design matrix ``[H, 1]``. When it lives in a feature store (its ``reader``),
+        panel tasks read their columns of ``H`` straight from the store on the workers and
+        the CG passes read ``H`` there too, adding the bias column's terms themselves;
+        otherwise a numpy ``A`` is read in place and a dask ``A``'s row blocks stream
+        through the client once. Its ``checkpoint`` keeps every panel (written by the task
+        that computed it) and the CG state every ``checkpoint_every`` steps, so that a solve
+        started again reuses the panels and continues from the last CG state.
     Y : ndarray (N, K)
     rcond : float
         The default ``ridge``.
     alpha : float
         Tikhonov damping; the target ridge is ``max(alpha, ridge * trace(A^T A) / n)``.
-    feature_store : (url, store_format, rows) or None
-        The store holding ``H`` (``A`` without its bias column). Panel tasks read their
-        columns straight from it on the workers. Without it, a numpy ``A`` is read in place
-        and a dask ``A``'s row blocks stream through the client once.
     tile : int
         Rows per panel (at most 8000).
     gram_dtype : {"float64", "float32"}
@@ -381,15 +379,18 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
         Ridge of the factored preconditioner, relative to ``trace / n`` (default 1e-4 for
         float32 panels, ``max(ridge, 1e-12)`` for float64 ones). Raised tenfold (up to
         three times) when the factorization finds the matrix not positive definite.
-    max_iter, tol : int, float
-        CG stops when every column's residual ``|A^T Y - (A^T A + lam) x|`` is below
-        ``tol * |A^T Y|``, or after ``max_iter`` passes (a ``ConvergenceWarning``).
-        ``max_iter = 0`` returns the preconditioner's solution.
-    checkpoint : SolveCheckpoint, optional
-        Where panels and CG states are kept for a resumed solve.
+    max_iter : int
+        Most CG steps (one pass over ``A`` each); reaching it warns with a
+        ``ConvergenceWarning``. ``max_iter = 0`` returns the preconditioner's solution.
+    cg_tol : float
+        CG stops when every column ``k`` has ``||A^T y_k - (A^T A + lam I) x_k|| <= cg_tol *
+        ||A^T y_k||`` (the relative residual of the normal equations).
     checkpoint_every : int
         CG steps between saved states.
     """
+    design = as_design(A)
+    A, checkpoint = design.array, design.checkpoint
+    reader = design.reader
     t0 = time.perf_counter()
     N, n = A.shape
     Y = np.asarray(Y.compute() if is_dask(Y) else Y, dtype=np.float64)
@@ -401,7 +402,7 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
     if gram_dtype not in ("float64", "float32"):
         raise ValidationError(f"gram_dtype must be float64 or float32; got {gram_dtype!r}.")
     gdt = np.dtype(gram_dtype)
-    tol = check_nonnegative(tol, "tol")
+    cg_tol = check_nonnegative(cg_tol, "cg_tol")
     if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 0:
         raise ValidationError(f"max_iter must be an integer >= 0; got {max_iter!r}.")
     checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
@@ -411,8 +412,8 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
     if checkpoint is not None:
         checkpoint.open({"solver": "normal-tiled", "N": N, "n": n, "K": K, "tile": int(tile),
                          "gram_dtype": gdt.name, "y": digest_array(Y)})
-    panels, tiles, reused = _gram_panels(A, Y, n, K, feature_store=feature_store, tile=tile,
-                                         gdt=gdt, checkpoint=checkpoint)
+    panels, tiles, reused = _gram_panels(A, Y, n, K, reader=reader, tile=tile, gdt=gdt,
+                                         checkpoint=checkpoint)
     t1 = time.perf_counter()
     # Split [A | Y]'s panels into A^T A's panels (factored in place) and A^T Y.
     AtY = np.empty((n, K))
@@ -456,28 +457,22 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
             lam_p = max(lam, float(precond_ridge) * scale)
             logger.warning("normal-tiled: not positive definite; preconditioner ridge raised "
                            "to %.0e trace/n", precond_ridge)
-            fresh, _, _ = _gram_panels(A, Y, n, K, feature_store=feature_store, tile=tile,
-                                       gdt=gdt, checkpoint=checkpoint)
+            fresh, _, _ = _gram_panels(A, Y, n, K, reader=reader, tile=tile, gdt=gdt,
+                                       checkpoint=checkpoint)
             for i, (a, b) in enumerate(a_tiles):
                 panels[i][...] = fresh[i][:b - a, :n - a]
             del fresh
     t2 = time.perf_counter()
 
     passes = None
-    if feature_store is not None:
+    if reader is not None:
         # CG passes read H from the store and add the bias column's terms themselves: no
         # concatenated copy of every row block
-        from ..storage import store_backend
-
-        backend = store_backend(feature_store[0], feature_store[1])
-        try:
-            from distributed import get_client
-
-            passes = _StorePasses(get_client(), backend.reader, n - 1, N,
+        client = current_client()
+        if client is not None:
+            passes = _StorePasses(client, reader, n - 1, N,
                                   max(1, PANEL_BLOCK_BYTES // (8 * n)), Y)
-        except (ImportError, ValueError):
-            passes = None
-        A_, pbias = backend.array(feature_store[2]), 1
+        A_, pbias = design.stored(), 1
     else:
         A_, pbias = (row_chunked(A) if is_dask(A) else A), 0
     Yd = rows_like(Y, A_) if is_dask(A_) else Y
@@ -509,7 +504,7 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
         z = chol.solve(r)
         p, rz, it = z, np.einsum("ij,ij->j", r, z), 0
         history.append(float(np.max(np.linalg.norm(r, axis=0) / np.maximum(bnorm, 1e-300))))
-    converged = history[-1] <= tol if history else False
+    converged = history[-1] <= cg_tol if history else False
     while not converged and it < max_iter:
         q = ne(p)
         pq = np.einsum("ij,ij->j", p, q)
@@ -523,7 +518,7 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
         it += 1
         rel = np.linalg.norm(r, axis=0) / np.maximum(bnorm, 1e-300)
         history.append(float(rel.max()))
-        converged = bool(np.all(rel <= tol))
+        converged = bool(np.all(rel <= cg_tol))
         logger.info("normal-tiled: CG step %d, relative residual %.3e", it, rel.max())
         if checkpoint is not None and it % checkpoint_every == 0:
             checkpoint.save("pcg", x=x, r=r, p=p, rz=rz, bnorm=bnorm, it=np.array(it),
@@ -532,7 +527,8 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
         import warnings
 
         warnings.warn(f"normal-tiled: CG stopped after {it} steps at relative residual "
-                      f"{history[-1]:.2e} (tol {tol:g}).", ConvergenceWarning, stacklevel=3)
+                      f"{history[-1]:.2e} (cg_tol {cg_tol:g}).", ConvergenceWarning,
+                      stacklevel=3)
     # the least-squares residual, one more pass
     flat = run_pass(_residual_pass, True, (np.ascontiguousarray(x), pbias), n * K + K)
     rsq = flat[n * K:]

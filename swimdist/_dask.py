@@ -1,0 +1,194 @@
+"""The Dask plumbing every module shares: the current client, waiting, broadcasting
+constants, memory probes and the BLAS thread guards.
+
+Nothing else in swimdist imports ``distributed.get_client`` or probes memory itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from contextvars import ContextVar
+
+import dask
+
+from . import config
+
+__all__ = [
+    "available_memory",
+    "blas_for_local_threads",
+    "broadcast",
+    "compute",
+    "configured_budget",
+    "current_client",
+    "fit_memory",
+    "hold",
+    "keep_alive",
+    "remote_client",
+    "single_thread_lapack",
+    "wait_for",
+    "worker_memory",
+]
+
+
+def current_client():
+    """The active ``distributed.Client``, or None (dask's threaded scheduler then)."""
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def remote_client():
+    """The active client if its cluster is not a ``LocalCluster`` of this process, else None."""
+    client = current_client()
+    if client is None:
+        return None
+    from distributed import LocalCluster
+
+    return None if isinstance(client.cluster, LocalCluster) else client
+
+
+def wait_for(collection) -> None:
+    """Block until the futures behind a persisted dask collection are done (no-op without a
+    distributed client: ``persist()`` computed it already)."""
+    try:
+        from distributed import futures_of, wait
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return
+    futs = futures_of(collection)
+    if futs:
+        wait(futs)
+
+
+#: Futures that must outlive the graphs that first used them (see :func:`keep_alive`).
+_HELD: ContextVar[list | None] = ContextVar("swimdist_held_futures", default=None)
+
+
+@contextlib.contextmanager
+def keep_alive(into: list | None = None):
+    """Hold every future that :func:`hold` or :func:`broadcast` makes inside the block.
+
+    A persisted result whose worker dies is recomputed from its dependencies; a scattered
+    dependency that no client holds any more is forgotten by then. Holding the futures for
+    the life of a solve (or of a :class:`~swimdist.design.DesignMatrix`) keeps them on the
+    cluster while anything may need them. ``into``: a list that keeps them after the block.
+    """
+    held = [] if into is None else into
+    token = _HELD.set(held)
+    try:
+        yield held
+    finally:
+        _HELD.reset(token)
+        if into is None:
+            held.clear()
+
+
+def hold(futures):
+    """Register ``futures`` (one or a list) with the innermost :func:`keep_alive`."""
+    held = _HELD.get()
+    if held is not None:
+        held.extend(futures if isinstance(futures, list) else [futures])
+    return futures
+
+
+def broadcast(obj):
+    """``obj`` as a graph argument that reaches every worker once, not once per task.
+
+    With a distributed client the object is scattered to all workers (``broadcast=True``:
+    every worker holds a replica, so losing one loses nothing), held for the enclosing
+    :func:`keep_alive`, and a delayed wrapper of the future is returned; without one, a pure
+    ``dask.delayed`` (one key shared by all tasks). ``hash=False``: equal constants of two
+    graphs must not share, and release, one key.
+    """
+    client = current_client()
+    if client is None:
+        return dask.delayed(obj, pure=True)
+    fut = hold(client.scatter(obj, broadcast=True, hash=False))
+    return dask.delayed(fut)
+
+
+def compute(x, label: str = ""):
+    """Compute a dask collection; with ``swimdist.progress`` set and a distributed client,
+    show distributed's progress bar on a terminal while it runs."""
+    client = current_client() if config.get("progress", False) else None
+    if client is None:
+        return x.compute()
+    fut = client.compute(x)
+    if sys.stderr.isatty():
+        from distributed import progress
+
+        progress(fut)
+    return fut.result()
+
+
+# --------------------------------------------------------------------------- memory
+def configured_budget() -> float | None:
+    """``swimdist.memory-budget`` in bytes (set by ``swimdist train --memory-limit``)."""
+    budget = config.get("memory-budget")
+    return None if budget is None else float(dask.utils.parse_bytes(budget))
+
+
+def available_memory() -> float:
+    """Bytes of memory available on this machine now."""
+    import psutil
+
+    return float(psutil.virtual_memory().available)
+
+
+def worker_memory(client=None) -> tuple[int, float | None, float | None]:
+    """``(workers, smallest limit, sum of limits)`` of the current cluster; limits are None
+    where any worker has none (or without a client)."""
+    client = client or current_client()
+    if client is None:
+        return 0, None, None
+    workers = client.scheduler_info().get("workers", {})
+    limits = [w.get("memory_limit") or 0 for w in workers.values()]
+    if not workers or not all(limits):
+        return len(workers), None, None
+    return len(workers), float(min(limits)), float(sum(limits))
+
+
+def fit_memory() -> float:
+    """The memory a fit may use: the configured budget, else the workers' limits together
+    (a distributed client), else the memory available now."""
+    budget = configured_budget()
+    if budget is not None:
+        return budget
+    _, _, total = worker_memory()
+    return total if total is not None else available_memory()
+
+
+# --------------------------------------------------------------------------- BLAS threads
+def blas_for_local_threads():
+    """Keep BLAS threads x dask threads within the cores on the local threaded scheduler.
+
+    The per-block tasks are BLAS-bound: two dask threads each running a two-thread OpenBLAS
+    product on two cores ran the MNIST Gram pass 1.4x slower. Worker processes of a cluster
+    get their BLAS thread count from :mod:`swimdist.cluster`; nothing is changed there.
+    """
+    if current_client() is not None:
+        return contextlib.nullcontext()
+    if dask.config.get("scheduler", None) not in (None, "threads", "threading"):
+        return contextlib.nullcontext()
+    cores = os.cpu_count() or 1
+    threads = int(dask.config.get("num_workers", None) or cores)
+    if threads <= 1:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(max(1, cores // threads))
+
+
+def single_thread_lapack():
+    """One BLAS thread for a LAPACK factorization.
+
+    The threaded ``potrf`` of the OpenBLAS in current numpy/scipy wheels (0.3.31) is
+    pathological: a 3335-wide Cholesky took 4.9 s on two threads and 0.27 s on one.
+    """
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1)
