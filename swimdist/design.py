@@ -335,8 +335,7 @@ def build_design(X, layers, *, store=None, dtype="float64", chunk_rows: int | No
     from .features import block_rows
 
     dtype = np.dtype(dtype)
-    N, M = X.shape[0], layers[-1].width
-    rows = block_rows(M + 1, dtype, chunk_rows)
+    rows = block_rows(layers[-1].width + 1, dtype, chunk_rows)
     design = DesignMatrix(None, bias=True, rows=rows)
     with keep_alive(into=design.held):
         _build(design, X, layers, store=store, dtype=dtype, rows=rows, lazy=lazy)

@@ -20,10 +20,9 @@ import dask
 import dask.array as da
 import numpy as np
 
-from . import config
 from .activations import get_activation
-from .exceptions import DataConversionWarning, NotFittedError, ValidationError
 from .design import build_design
+from .exceptions import DataConversionWarning, NotFittedError, ValidationError
 from .features import forward
 from .lstsq import check_options, get_solver, solve, solver_options
 from .models import MODEL_FORMAT, MODEL_VERSION, check_model_file, load_arrays, save_arrays

@@ -25,7 +25,7 @@ import yaml
 
 from . import config, datasets
 from ._io import is_url, write_text_atomic
-from .exceptions import JobSpecError, SchedulerError, SwimdistError
+from .exceptions import JobSpecError, SchedulerError, SwimdistError, ValidationError
 from .inputs import load_array
 
 logger = logging.getLogger("swimdist.service")
@@ -176,7 +176,7 @@ def _normalize_env(d: dict) -> dict:
 def validate_spec(spec: dict) -> None:
     """Check types and values of a merged spec; messages name the key."""
     from .activations import ACTIVATIONS
-    from .lstsq import SOLVERS
+    from .lstsq import SOLVERS, check_options
     from .sampling import SAMPLERS
 
     _check_types(spec)
@@ -205,6 +205,13 @@ def validate_spec(spec: dict) -> None:
         if m[key] not in valid:
             raise JobSpecError(f"model.{key} {m[key]!r} is unknown; valid: "
                                f"{', '.join(sorted(valid))}.")
+    opts = m.get("solver_options") or {}
+    if not isinstance(opts, dict):
+        raise JobSpecError(f"model.solver_options must be a mapping; got {opts!r}.")
+    try:
+        check_options(m["solver"], opts)
+    except ValidationError as exc:
+        raise JobSpecError(f"model.solver_options: {exc}") from None
     root = config.get("output-root")
     if root:
         for key in ("output", "store"):

@@ -44,8 +44,8 @@ import dask
 import dask.array as da
 import numpy as np
 
-from ..exceptions import ConvergenceWarning, ValidationError
 from ..design import row_chunked, rows_like
+from ..exceptions import ConvergenceWarning, ValidationError
 from ._common import column_norms, is_dask
 
 logger = logging.getLogger("swimdist.lstsq.lsqr")

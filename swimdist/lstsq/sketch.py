@@ -42,8 +42,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.linalg.blas import dgemm
 
-from ..exceptions import ChunkingError, ValidationError
 from ..design import row_chunked, rows_like
+from ..exceptions import ChunkingError, ValidationError
 from ._common import is_dask
 
 #: Rows per key block: the granularity at which the random stream is keyed.

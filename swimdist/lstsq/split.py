@@ -31,8 +31,8 @@ An integer array (a permutation of the neuron columns) is used as given.
 
 The bias column
 ---------------
-With a design matrix whose ``bias`` flag is set, the last column of ``A`` is the all-ones bias column of the output
-layer. It takes no part in the ordering: it is appended to *every* block, so each block
+With a design matrix whose ``bias`` flag is set, the last column of ``A`` is the all-ones
+bias column of the output layer. It takes no part in the ordering: it is appended to *every* block, so each block
 solve also re-centres the residual, and the intercept is the sum of the blocks' bias
 coefficients. (Measured on the sine problem this is as accurate as or more accurate than
 solving it with the first block only; and it makes one block identical to the full solve.)
@@ -57,13 +57,14 @@ from __future__ import annotations
 
 import logging
 import time
+
 import numpy as np
 
 from .._dask import wait_for
+from ..design import as_design, row_chunked, rows_like
 from ..exceptions import ValidationError
 from ..features import add_bias_column
 from ._common import column_norms as _column_norms
-from ..design import as_design, row_chunked, rows_like
 from ._common import digest_array, is_dask
 from .result import LstsqResult
 

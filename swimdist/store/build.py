@@ -22,7 +22,7 @@ import dask.array as da
 import numpy as np
 
 from .. import config
-from .._dask import compute
+from .._dask import broadcast, compute
 from .._io import is_url, local_path
 from ..exceptions import StoreError
 from ..sampling import Layer
@@ -221,7 +221,7 @@ def build_feature_store(X: da.Array, layers: list[Layer], url: str, *, fingerpri
                 "shape": list(shape), "rows_per_block": rows, "dtype": dtype.str,
                 "store_format": backend.kind, "complete": False}
         backend.create(shape, rows, n_blocks, dtype, meta)
-    params = dask.delayed(list(layers), pure=True)
+    params = broadcast(list(layers))  # to every worker once, not embedded in the graph
     cols = None if columns is None else np.asarray(columns)
     done = X.map_blocks(_write_block, params, cols, dtype, backend,
                         chunks=((1,) * n_blocks, (1,)), dtype=np.uint8,
