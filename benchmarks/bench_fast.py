@@ -93,7 +93,7 @@ def _metric(case: str, pred: np.ndarray, yt: np.ndarray) -> float:
 
 # ----------------------------------------------------------------------------- one run
 def _solve_once(solver: str, A, Y):
-    from swimdist.lstsq import solve
+    from swimdist.lstsq import solve, solver_options
 
     if solver == "direct":
         return solve(A, Y, method="direct", rcond=RCOND)
@@ -101,7 +101,8 @@ def _solve_once(solver: str, A, Y):
         return solve(A, Y, method="lsrn", rcond=RCOND, seed=0, sketch=solver[5:])
     if solver == "auto-f32":
         return solve(A, Y, method="auto", rcond=RCOND, seed=0)
-    return solve(A, Y, method=solver, rcond=RCOND, seed=0)
+    seed = {"seed": 0} if "seed" in solver_options(solver) else {}
+    return solve(A, Y, method=solver, rcond=RCOND, **seed)
 
 
 def run_one(case: str, solver: str, data: str) -> dict:
