@@ -25,6 +25,7 @@ __all__ = [
     "fit_memory",
     "hold",
     "keep_alive",
+    "lost_client_data",
     "remote_client",
     "single_thread_lapack",
     "wait_for",
@@ -109,6 +110,26 @@ def broadcast(obj):
         return dask.delayed(obj, pure=True)
     fut = hold(client.scatter(obj, broadcast=True, hash=False))
     return dask.delayed(fut)
+
+
+def lost_client_data(exc: BaseException) -> bool:
+    """Whether ``exc`` means that data this client sent (scattered X blocks, broadcast
+    constants) was lost with a worker, so that sending it again recovers.
+
+    Scattered data has no lineage: when the last worker holding it dies, the scheduler
+    forgets it and every computation that needs it is cancelled ("lost dependencies").
+    (Replicas do not help for long: distributed's Active Memory Manager drops extra ones.)
+    A lost connection to the scheduler is not this: re-sending cannot help there.
+    """
+    from concurrent.futures import CancelledError  # distributed's FutureCancelledError too
+
+    if not isinstance(exc, CancelledError):
+        return False
+    text = str(exc).lower()
+    if "scheduler-connection-lost" in text or "lost the connection" in text:
+        return False
+    client = current_client()
+    return client is not None and client.status == "running"
 
 
 def compute(x, label: str = ""):

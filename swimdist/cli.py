@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 from . import __version__, config
+from ._io import is_url, local_path
 from .exceptions import SwimdistError
 
 _DATA_OPTIONS = [
@@ -279,7 +280,33 @@ def _describe(path: str) -> None:
                                    "n_features_in": meta["n_features_in"],
                                    "fit_info": meta.get("fit_info", {})}, sort_keys=False))
         return
+    if not is_url(path) and os.path.isfile(os.path.join(local_path(path), "status.json")):
+        _print_status(path)
+        return
     click.echo(yaml.safe_dump(describe_store(path), sort_keys=False))
+
+
+def _print_status(output: str) -> None:
+    from .service import read_status
+
+    st = read_status(output)
+    keys = ("state", "reason", "phase", "progress", "started", "updated", "pid", "host",
+            "error", "model")
+    shown = {k: st[k] for k in keys if st.get(k) is not None}
+    if st.get("metrics", {}).get("test"):
+        shown["test"] = st["metrics"]["test"]
+    click.echo(yaml.safe_dump(shown, sort_keys=False).strip())
+
+
+@main.command()
+@click.argument("output")
+def status(output) -> None:
+    """The state of the job writing to OUTPUT: running, done, failed or interrupted (its
+    process is gone; run the same job again to resume it)."""
+    try:
+        _print_status(output)
+    except SwimdistError as exc:
+        _fail(exc)
 
 
 @main.command("config")

@@ -20,6 +20,8 @@ import dask
 import dask.array as da
 import numpy as np
 
+from . import config
+from ._dask import lost_client_data
 from .activations import get_activation
 from .design import build_design
 from .exceptions import DataConversionWarning, NotFittedError, ValidationError
@@ -178,15 +180,31 @@ class _SWIMBase:
             replace=self.replace,
         )
         t1 = time.perf_counter()
-        with build_design(X, layers, store=self.store, dtype=self.feature_dtype,
-                          chunk_rows=self.chunk_rows, lazy=self.solver == "split") as A:
-            t2 = time.perf_counter()
-            res = solve(A, Y, method=self.solver, rcond=p["rcond"], alpha=p["alpha"],
-                        **p["options"])
-            A.solved()
+        resent = 0
+        while True:
+            try:
+                with build_design(X, layers, store=self.store, dtype=self.feature_dtype,
+                                  chunk_rows=self.chunk_rows, lazy=self.solver == "split") as A:
+                    t2 = time.perf_counter()
+                    res = solve(A, Y, method=self.solver, rcond=p["rcond"], alpha=p["alpha"],
+                                **p["options"])
+                    A.solved()
+                break
+            except Exception as exc:
+                # A worker died with the only copy of data sent from here (X's blocks, the
+                # layers, Y): send it again and redo what depended on it. Every block is a
+                # function of its seed, a store's verified blocks and a solve checkpoint
+                # are reused, so the model is the undisturbed one.
+                if resent >= int(config.get("resend-attempts")) or not lost_client_data(exc):
+                    raise
+                resent += 1
+                logger.warning("fit: a worker was lost with data sent from the client (%s); "
+                               "sending it again (%d of at most %d)", exc, resent,
+                               config.get("resend-attempts"))
         persistent = self.store not in (None, "memory")
         info = {"store": str(self.store) if persistent else
-                ("memory" if A.placement == "memory" else None), "placement": A.placement}
+                ("memory" if A.placement == "memory" else None), "placement": A.placement,
+                "resent": resent}
         if A.build_info:
             info["blocks"] = A.build_info
         M = layers[-1].width

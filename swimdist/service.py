@@ -277,29 +277,122 @@ def _json_default(o):
 
 
 class StatusRecord:
-    """``status.json`` next to a job's output: phase, progress, metrics, error."""
+    """``status.json`` next to a job's output: phase, progress, metrics, error.
+
+    While the job runs, a heartbeat thread rewrites it every ``HEARTBEAT`` seconds
+    (``updated``), and it names the process (``pid``, its start time, ``host``), so that
+    :func:`read_status` can tell a running job from one whose process is gone.
+    """
 
     PHASES = ("starting", "connecting", "loading", "fitting", "evaluating", "saving", "done")
+    #: Seconds between heartbeats; a job on another host silent for 6 of them reads as
+    #: interrupted.
+    HEARTBEAT = 5.0
 
     def __init__(self, output: str):
+        import socket
+        import threading
+
         self.path = _join(output, "status.json")
         now = _now()
         self.data: dict[str, Any] = {"phase": "starting", "progress": 0.0, "metrics": {},
                                      "error": None, "model": None, "started": now,
-                                     "updated": now, "pid": os.getpid()}
+                                     "updated": now, "pid": os.getpid(),
+                                     "pid_started": _process_start(os.getpid()),
+                                     "host": socket.gethostname()}
+        self._lock = threading.Lock()
         self.write()
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True,
+                                      name="swimdist-status-heartbeat")
+        self._beat.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.HEARTBEAT):
+            with contextlib.suppress(Exception):  # best effort: the job goes on regardless
+                self.update()
 
     def update(self, **kw) -> None:
-        self.data.update(kw)
-        if "phase" in kw and kw["phase"] in self.PHASES:
-            self.data.setdefault("progress", 0.0)
-            self.data["progress"] = max(self.data["progress"],
-                                        self.PHASES.index(kw["phase"]) / (len(self.PHASES) - 1))
-        self.data["updated"] = _now()
-        self.write()
+        with self._lock:
+            self.data.update(kw)
+            if "phase" in kw and kw["phase"] in self.PHASES:
+                self.data.setdefault("progress", 0.0)
+                self.data["progress"] = max(self.data["progress"],
+                                            self.PHASES.index(kw["phase"])
+                                            / (len(self.PHASES) - 1))
+            self.data["updated"] = _now()
+            self.write()
+
+    def close(self) -> None:
+        """Stop the heartbeat (the record stays as last written)."""
+        self._stop.set()
+        if self._beat.is_alive():
+            self._beat.join(timeout=2 * self.HEARTBEAT)
 
     def write(self) -> None:
         write_json(self.path, self.data)
+
+
+def _process_start(pid: int) -> float | None:
+    """Start time of process ``pid`` (None if there is none): with the pid it names one
+    process, even after the pid is reused."""
+    import psutil
+
+    try:
+        return round(psutil.Process(pid).create_time(), 2)
+    except (psutil.Error, OSError):
+        return None
+
+
+def read_status(output: str) -> dict:
+    """A job's ``status.json`` with ``state``: running, done, failed or interrupted.
+
+    A job that is neither done nor failed is *interrupted* when its process is gone: on this
+    host, no process with its pid and start time; on another, no heartbeat for six
+    heartbeat periods. Raises ``StoreError`` when there is no readable status record.
+    """
+    import socket
+
+    from .exceptions import StoreError
+
+    path = _join(output, "status.json")
+    try:
+        if is_url(path):
+            import fsspec
+
+            with fsspec.open(path, "r") as f:
+                data = json.load(f)
+        else:
+            with open(path) as f:
+                data = json.load(f)
+    except FileNotFoundError:
+        raise StoreError(f"No job status at {output!r} (no status.json); is it a job's "
+                         "output directory?") from None
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"The job status {path!r} is unreadable ({exc}).") from None
+    if not isinstance(data, dict) or "phase" not in data:
+        raise StoreError(f"{path!r} is not a swimdist job status.")
+    phase = data["phase"]
+    if phase in ("done", "failed"):
+        data["state"] = phase
+        return data
+    data["state"] = "running"
+    if data.get("host") == socket.gethostname() and isinstance(data.get("pid"), int):
+        started = _process_start(data["pid"])
+        if started is None or (data.get("pid_started") is not None
+                               and abs(started - float(data["pid_started"])) > 1.0):
+            data["state"] = "interrupted"
+            data["reason"] = f"its process (pid {data['pid']}) is gone"
+        return data
+    try:
+        updated = datetime.datetime.fromisoformat(data["updated"])
+        age = (datetime.datetime.now(datetime.timezone.utc) - updated).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        age = float("inf")
+    if age > 6 * StatusRecord.HEARTBEAT:
+        data["state"] = "interrupted"
+        data["reason"] = f"no heartbeat for {age:.0f} s"
+    return data
 
 
 def _now() -> str:
@@ -413,6 +506,7 @@ def run_job(spec: dict, *, performance_report: str | None = None, progress: bool
             raise lost from exc
         raise
     finally:
+        status.close()
         if client is not None:
             with contextlib.suppress(Exception):
                 client.close()

@@ -117,6 +117,80 @@ def test_worker_killed_mid_stage_gives_same_model(client3, data, reference, tmp_
         assert est.fit_info_["blocks"]["written"] == N_BLOCKS  # the lost block was redone
 
 
+# --------------------------------------------------------------------------- default placement
+# store=None keeps A in worker memory, built from X's blocks scattered from the client: a
+# worker that dies takes the only copy of its blocks with it, so the fit sends them again.
+MEMORY_SOLVERS = {
+    "lsrn": {"tol": 1e-10},
+    "normal": {"verify": True},  # the certificate's thin verification pass runs too
+    "auto": None,
+}
+
+
+def fit_in_memory(X, y, solver: str) -> SWIMRegressor:
+    est = SWIMRegressor(hidden_layer_sizes=(HIDDEN,), solver=solver, random_state=0,
+                        chunk_rows=ROWS, solver_options=MEMORY_SOLVERS[solver])
+    return est.fit(X, y)
+
+
+@pytest.fixture(scope="module")
+def reference_memory(client3, data):
+    refs = {s: fit_in_memory(*data, s) for s in MEMORY_SOLVERS}
+    assert all(r.fit_info_["placement"] == "memory" for r in refs.values())
+    return refs
+
+
+#   8 row blocks: _forward 3 is the third feature block; the Gram pass has one gram_upper
+#   task per block; LSQR's start pass takes 8 tasks, so _axpy_block 21 is in iteration 2.
+MEMORY_STAGES = [
+    pytest.param("_forward", 3, "lsrn", id="features-lsrn"),
+    pytest.param("_sketch_task", 2, "lsrn", id="sketch"),
+    pytest.param("_axpy_block", 21, "lsrn", id="lsqr-iteration"),
+    pytest.param("gram_upper", 2, "normal", id="gram-pass"),
+    pytest.param("verify_pass", 2, "normal", id="verification-pass"),
+    pytest.param("_forward", 3, "auto", id="features-auto"),
+]
+
+
+@pytest.mark.parametrize("function, nth, solver", MEMORY_STAGES)
+def test_worker_killed_with_the_default_in_memory_placement(client3, data, reference_memory,
+                                                            tmp_path, function, nth, solver):
+    before = worker_pids(client3)
+    state = tmp_path / "fault"
+    client3.register_plugin(TaskFault(function, nth, str(state)), name="fault")
+    try:
+        est = fit_in_memory(*data, solver)
+    finally:
+        client3.unregister_worker_plugin("fault")
+    fired = fault_fired(state)
+    assert fired is not None and fired["pid"] in before, "the fault never fired"
+    ref = reference_memory[solver]
+    np.testing.assert_allclose(est.coef_, ref.coef_, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(est.intercept_, ref.intercept_, rtol=0, atol=1e-10)
+    assert est.fit_info_["placement"] == "memory"
+    client3.wait_for_workers(3, timeout=60)
+
+
+def test_two_workers_killed_in_sequence(client3, data, reference_memory, tmp_path):
+    before = worker_pids(client3)
+    first, second = tmp_path / "fault-1", tmp_path / "fault-2"
+    # one dies writing feature block 3, another in the second LSQR iteration of the fit
+    # that follows (counts run over both attempts)
+    client3.register_plugin(TaskFault("_forward", 3, str(first)), name="fault-1")
+    client3.register_plugin(TaskFault("_axpy_block", 21, str(second)), name="fault-2")
+    try:
+        est = fit_in_memory(*data, "lsrn")
+    finally:
+        client3.unregister_worker_plugin("fault-1")
+        client3.unregister_worker_plugin("fault-2")
+    one, two = fault_fired(first), fault_fired(second)
+    assert one is not None and two is not None, "a fault never fired"
+    assert one["pid"] in before and one["pid"] != two["pid"]
+    np.testing.assert_allclose(est.coef_, reference_memory["lsrn"].coef_, rtol=0, atol=1e-10)
+    assert est.fit_info_["resent"] >= 1
+    client3.wait_for_workers(3, timeout=60)
+
+
 def test_worker_over_memory_limit_restarted_by_nanny(client3, data, reference, tmp_path):
     before = worker_pids(client3)
     state = tmp_path / "fault"

@@ -34,8 +34,9 @@ The bias column
 With a design matrix whose ``bias`` flag is set, the last column of ``A`` is the all-ones
 bias column of the output layer. It takes no part in the ordering: it is appended to *every*
 block, so each block solve also re-centres the residual, and the intercept is the sum of the
-blocks' bias coefficients. (Measured on the sine problem this is as accurate as or more accurate than
-solving it with the first block only; and it makes one block identical to the full solve.)
+blocks' bias coefficients. (Measured on the sine problem this is as accurate as or more
+accurate than solving it with the first block only; and it makes one block identical to the
+full solve.)
 
 Memory and data movement
 ------------------------
