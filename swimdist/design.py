@@ -113,13 +113,13 @@ def reduce_blocks(
     if not isinstance(A, da.Array):
         return np.asarray(fn(A, *[np.asarray(o) for o in others], *consts), dtype=np.float64)
     A = row_chunked(A)
-    args = [A, "br"]
+    args = [fn, None, A, "br"]  # fn is an argument: the task says what it runs
     for j, o in enumerate(others):
         args += [rows_like(o, A), f"b{j}"]
     for c in consts:
         args += [broadcast(c), None]
     parts = da.blockwise(
-        lambda *a: fn(*a)[None],
+        _partial_sum,
         "bc",
         *args,
         new_axes={"c": int(length)},
@@ -130,6 +130,11 @@ def reduce_blocks(
     )
     with blas_for_local_threads():
         return parts.sum(axis=0, split_every=split_every).compute()
+
+
+def _partial_sum(fn, *args) -> np.ndarray:
+    """One row block's term of :func:`reduce_blocks`, as a (1, length) array."""
+    return fn(*args)[None]
 
 
 # --------------------------------------------------------------------------- the handle
