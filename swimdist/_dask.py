@@ -123,11 +123,21 @@ def lost_client_data(exc: BaseException) -> bool:
     """
     from concurrent.futures import CancelledError  # distributed's FutureCancelledError too
 
+    from distributed.comm.core import CommClosedError
+
+    text = str(exc).lower()
+    if isinstance(exc, CommClosedError):
+        # a worker's connection closed under a scatter or a gather: the worker died
+        return ("worker" in text or "scatter" in text or "gather" in text) and \
+            _client_running()
     if not isinstance(exc, CancelledError):
         return False
-    text = str(exc).lower()
     if "scheduler-connection-lost" in text or "lost the connection" in text:
         return False
+    return _client_running()
+
+
+def _client_running() -> bool:
     client = current_client()
     return client is not None and client.status == "running"
 
