@@ -35,7 +35,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .._dask import keep_alive
-from ..design import DesignMatrix, as_design
+from ..design import as_design
 from ..exceptions import ValidationError
 from ._common import column_norms, is_dask, residual_norms
 from .result import LstsqResult
@@ -125,9 +125,8 @@ def solve(A, Y, method: str = "direct", *, rcond: float = 1e-10, alpha: float = 
     """
     fn = get_solver(method)
     check_options(method, options)
-    design = as_design(A) if isinstance(A, DesignMatrix) or getattr(A, "ndim", None) == 2 \
-        else None
-    A = design.array if design is not None else A
+    design = as_design(A)
+    A = design.array
     if getattr(A, "ndim", None) != 2:
         raise ValidationError(
             f"A must be 2-D (samples x features); got shape {getattr(A, 'shape', None)}."
