@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=8, help="row blocks of the feature matrix")
     ap.add_argument("--trials", type=int, default=64, help="faulted fits (>= 60)")
     ap.add_argument("--seed", type=int, default=2026, help="seed of the kill moments")
+    ap.add_argument("--only", type=int, nargs="*", default=None,
+                    help="run only these trial numbers (1-based; to reproduce one)")
     args = ap.parse_args()
 
     import dask
@@ -144,6 +146,9 @@ def main() -> None:
                 trials.append((placement, solver, stage, nth))
         trials = trials[:max(args.trials, 60)]
         for i, (placement, solver, stage, nth) in enumerate(trials):
+            if args.only and i + 1 not in args.only:
+                continue
+            print(f"[{i + 1}/{len(trials)}] {placement} {solver} {stage} n={nth} ...", flush=True)
             base = placement.replace("-rerun", "")
             tag = f"trial-{next(counter)}"
             if placement.endswith("-rerun"):
@@ -167,7 +172,14 @@ def main() -> None:
                 row["fail"].append(f"n={nth}: {type(exc).__name__}: {str(exc)[:120]}")
             if fault_fired(state) is None:
                 row["fail"].append(f"n={nth}: the fault did not fire")
-            client.wait_for_workers(3, timeout=300)
+            try:
+                client.wait_for_workers(3, timeout=120)
+            except Exception as exc:  # noqa: BLE001 - the cluster itself did not recover
+                alive = len(client.scheduler_info()["workers"])
+                row["fail"].append(f"n={nth}: only {alive}/3 workers after the trial "
+                                   f"({type(exc).__name__})")
+                cluster.scale(3)
+                client.wait_for_workers(3, timeout=300)
             print(f"[{i + 1}/{len(trials)}] {placement} {solver} {stage} n={nth}: "
                   f"{'ok' if not row['fail'] else row['fail'][-1]}", flush=True)
 

@@ -20,6 +20,7 @@ __all__ = [
     "blas_for_local_threads",
     "broadcast",
     "compute",
+    "client_memory",
     "configured_budget",
     "current_client",
     "fit_memory",
@@ -97,18 +98,23 @@ def hold(futures):
 
 
 def broadcast(obj):
-    """``obj`` as a graph argument that reaches every worker once, not once per task.
+    """``obj`` as a graph argument that is sent to the cluster once, not once per task.
 
-    With a distributed client the object is scattered to all workers (``broadcast=True``:
-    every worker holds a replica, so losing one loses nothing), held for the enclosing
-    :func:`keep_alive`, and a delayed wrapper of the future is returned; without one, a pure
-    ``dask.delayed`` (one key shared by all tasks). ``hash=False``: equal constants of two
-    graphs must not share, and release, one key.
+    With a distributed client the object is scattered (``hash=False``: equal constants of
+    two graphs must not share, and release, one key), held for the enclosing
+    :func:`keep_alive`, and a delayed wrapper of the future is returned; each worker that
+    needs it fetches it once from a peer and keeps it. Without a client, a pure
+    ``dask.delayed`` (one key shared by all tasks).
+
+    Not ``scatter(broadcast=True)``: the scheduler's ``replicate`` behind it (distributed
+    2026.8) loops forever when a target worker dies mid-replication, retrying it every
+    30 s. A lost constant is recovered as lost X blocks are: :func:`lost_client_data` tells
+    the fit, which sends it again.
     """
     client = current_client()
     if client is None:
         return dask.delayed(obj, pure=True)
-    fut = hold(client.scatter(obj, broadcast=True, hash=False))
+    fut = hold(client.scatter(obj, hash=False))
     return dask.delayed(fut)
 
 
@@ -163,6 +169,16 @@ def configured_budget() -> float | None:
     return None if budget is None else float(dask.utils.parse_bytes(budget))
 
 
+def client_memory() -> float | None:
+    """Bytes the client may use for dense work: ``swimdist.client-memory`` (the client's
+    share of an embedded cluster's budget, :func:`swimdist.cluster.plan_memory`), else the
+    whole budget, else None (no budget: the memory available)."""
+    share = config.get("client-memory", None)
+    if share is not None:
+        return float(dask.utils.parse_bytes(share))
+    return configured_budget()
+
+
 def available_memory() -> float:
     """Bytes of memory available on this machine now."""
     import psutil
@@ -184,13 +200,13 @@ def worker_memory(client=None) -> tuple[int, float | None, float | None]:
 
 
 def fit_memory() -> float:
-    """The memory a fit may use: the configured budget, else the workers' limits together
-    (a distributed client), else the memory available now."""
+    """The memory the feature matrix's holders may use: the workers' limits together (a
+    distributed client whose workers all have one) and the configured budget, whichever is
+    smaller; else the one there is; else the memory available now."""
     budget = configured_budget()
-    if budget is not None:
-        return budget
     _, _, total = worker_memory()
-    return total if total is not None else available_memory()
+    known = [m for m in (budget, total) if m is not None]
+    return min(known) if known else available_memory()
 
 
 # --------------------------------------------------------------------------- BLAS threads

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import dataclass
 
 import dask
 import dask.config
@@ -60,6 +61,84 @@ def local_cluster_kwargs(*, n_workers: int | None = None, threads_per_worker: in
         "memory_limit": per_worker, "dashboard_address": "127.0.0.1:0",
         "env": {v: blas for v in _BLAS_VARS} if processes else None,
     }
+
+
+#: What an embedded cluster adds to the client process (its scheduler and nannies; measured
+#: 94 -> 117 MB when a 2-worker LocalCluster starts) and its multiprocessing resource
+#: tracker (16 MB), rounded up.
+CLUSTER_OVERHEAD = 48 * 2**20
+#: The least a worker may get: its interpreter with numpy, scipy, dask and zarr loaded
+#: (about 100 MB) and room for a few small feature blocks.
+WORKER_FLOOR = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How one budget is split over all of a job's processes (:func:`plan_memory`)."""
+
+    total: int  # the budget: every process together
+    client_fixed: int  # the client now (interpreter, libraries, the data) + cluster overhead
+    client_dense: int  # the client's dense work (Gram matrix, factors) planned for
+    worker_limit: int  # each worker's memory limit (its baseline included)
+    n_workers: int
+    plan: str  # which solve family the split was made for
+
+    def settings(self) -> dict:
+        """dask.config settings that keep a fit inside the plan: the budget, the client's
+        share for dense work, and feature blocks of an eighth of a worker's limit (a worker
+        holds a few at a time: the one it generates or reads, the one it reduces, inputs)."""
+        return {"swimdist.memory-budget": self.total,
+                "swimdist.client-memory": self.client_dense,
+                "swimdist.max-block-bytes": max(self.worker_limit // 8, 1 << 20)}
+
+    def describe(self) -> str:
+        mb = 2**20
+        return (f"memory plan ({self.plan}): {format_bytes(self.total)} = client "
+                f"{self.client_fixed / mb:.0f} MB now + {self.client_dense / mb:.0f} MB dense work, "
+                f"{self.n_workers} workers x {self.worker_limit / mb:.0f} MB")
+
+
+def plan_memory(total: int | str, n_workers: int, n_columns: int, *,
+                client_rss: int | None = None) -> MemoryPlan:
+    """Split a memory budget over the client and the workers of an embedded cluster.
+
+    The client keeps what it holds now (``client_rss``: default, this process's RSS, taken
+    after the data are loaded) plus :data:`CLUSTER_OVERHEAD`, and a reserve for its dense
+    work on ``n_columns`` columns; the workers share the rest evenly, their baselines
+    included (Dask's ``memory_limit`` caps a worker's whole RSS). The reserve is that of the
+    normal equations on the client (:func:`swimdist.lstsq.auto.client_dense_bytes`) when the
+    workers' share then still holds the Gram reduction's partial sums in half a limit, as
+    ``auto`` requires; otherwise that of the row-panel Gram matrix (``normal-tiled``: half
+    the square), for which ``auto`` then decides. The same byte counts drive ``auto``'s
+    choice, so the plan and the solve agree.
+    """
+    import psutil
+
+    from .lstsq.auto import client_dense_bytes, gram_partials_bytes, tiled_client_bytes
+
+    total = int(parse_bytes(total) if isinstance(total, str) else total)
+    rss = int(psutil.Process().memory_info().rss if client_rss is None else client_rss)
+    fixed = rss + CLUSTER_OVERHEAD
+    free = total - fixed
+    n = int(n_columns)
+    w = max(1, int(n_workers))
+    dense = int(client_dense_bytes(n))
+    need = max(WORKER_FLOOR, int(2 * gram_partials_bytes(n)))
+    if dense + w * need <= free:
+        plan, reserve = "normal equations", dense
+    else:
+        plan, reserve = "row-panel Gram matrix", int(tiled_client_bytes(n))
+    limit = (free - reserve) // w
+    if limit < WORKER_FLOOR:
+        mb = 2**20
+        raise ValidationError(
+            f"A memory limit of {format_bytes(total)} is too small for {n} columns on {w} "
+            f"workers: the client holds {fixed / mb:.0f} MB (libraries and data) and needs "
+            f"{reserve / mb:.0f} MB for the {plan}, which leaves {max(limit, 0) / mb:.0f} MB "
+            f"per worker (at least {WORKER_FLOOR / mb:.0f} MB). Raise --memory-limit, use "
+            "fewer workers or fewer neurons.")
+    return MemoryPlan(total=total, client_fixed=fixed, client_dense=reserve,
+                      worker_limit=int(limit), n_workers=w, plan=plan)
 
 
 def connect(address: str | None = None, *, n_workers: int | None = None,

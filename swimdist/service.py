@@ -448,7 +448,7 @@ def run_job(spec: dict, *, performance_report: str | None = None, progress: bool
     The status record says ``done`` only after the model and metrics are written; on any
     failure it says ``failed`` with the error, and the exception propagates.
     """
-    from .cluster import connect
+    from .cluster import connect, local_cluster_kwargs, plan_memory, scheduler_address
 
     out = spec["output"]
     if not is_url(out):
@@ -464,19 +464,34 @@ def run_job(spec: dict, *, performance_report: str | None = None, progress: bool
             from .cluster import tls_security
 
             security = tls_security(c["tls_ca_file"], c["tls_cert"], c["tls_key"])
+        seed = int(spec["model"]["random_state"] or 0)
+        plan = data = None
+        if c["memory_limit"] and not scheduler_address(c["scheduler"]):
+            # One budget for every process: the client's share is what it holds once the
+            # data are loaded, so they are loaded before the workers' limits are set.
+            status.update(phase="loading")
+            data = load_data(spec["data"], seed=seed)
+            workers = local_cluster_kwargs(n_workers=c["n_workers"],
+                                           threads_per_worker=c["threads_per_worker"])
+            plan = plan_memory(c["memory_limit"], workers["n_workers"],
+                               int(spec["model"]["hidden_layer_sizes"][-1]) + 1)
+            logger.info("%s", plan.describe())
         client, cluster = connect(c["scheduler"], n_workers=c["n_workers"],
                                   threads_per_worker=c["threads_per_worker"],
-                                  memory_limit=c["memory_limit"], security=security)
+                                  memory_limit=(plan.worker_limit * plan.n_workers if plan
+                                                else c["memory_limit"]),
+                                  security=security)
         status.update(phase="loading", dashboard=client.dashboard_link,
                       scheduler=client.scheduler.address)
-        X, y, Xt, yt, task = load_data(spec["data"], seed=int(spec["model"]["random_state"] or 0))
+        X, y, Xt, yt, task = data or load_data(spec["data"], seed=seed)
+        del data
         est = make_estimator(spec["model"], task, spec["store"])
         status.update(phase="fitting", task=task, n_train=int(X.shape[0]))
         report = (_performance_report(performance_report) if performance_report
                   else contextlib.nullcontext())
         settings = {"swimdist.store-format": spec["store_format"]}
-        if c["memory_limit"] and not c["scheduler"]:
-            settings.update(memory_settings(c["memory_limit"], cluster))
+        if plan is not None:
+            settings.update(plan.settings())
         with report, dask.config.set(settings):
             est.fit(X, y)
         status.update(phase="evaluating", fit_info=est.fit_info_, timings=est.timings_)
@@ -534,20 +549,6 @@ def _scheduler_lost(exc: BaseException, client, spec: dict, phase) -> SchedulerE
               "job again to resume." if store else "Run the job again.")
     return SchedulerError(f"Lost the connection to the Dask scheduler at {address} during "
                           f"{phase or 'the job'} ({type(exc).__name__}). {resume}")
-
-
-def memory_settings(memory_limit, cluster) -> dict:
-    """dask.config settings that keep a fit within an embedded cluster's memory budget.
-
-    A worker holds a few feature blocks at a time (the one it generates or reads, the one it
-    writes or reduces, and its inputs), so one block gets an eighth of a worker's share.
-    """
-    from dask.utils import parse_bytes
-
-    total = parse_bytes(memory_limit) if isinstance(memory_limit, str) else int(memory_limit)
-    n_workers = max(1, len(getattr(cluster, "workers", {})) or 1)
-    return {"swimdist.max-block-bytes": max(total // n_workers // 8, 1 << 20),
-            "swimdist.memory-budget": total}
 
 
 def _performance_report(path: str):

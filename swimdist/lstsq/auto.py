@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from .._dask import available_memory, configured_budget, worker_memory
+from .._dask import available_memory, client_memory, worker_memory
 from ..design import as_design
 from ..exceptions import ConvergenceWarning, ValidationError
 from ._common import is_dask
@@ -54,6 +54,30 @@ def looks_like_classification(Y) -> bool:
     if Yn.shape[1] == 1:
         return bool(np.all(np.abs(Yn) == 1))
     return bool(np.all((Yn == 0) | (Yn == 1)) and np.all(Yn.sum(axis=1) == 1))
+
+
+# --------------------------------------------------------------------------- byte counts
+# The memory models every plan shares (the embedded cluster's budget split in
+# :func:`swimdist.cluster.plan_memory` and the choice below): bytes of float64 dense work.
+
+
+def client_dense_bytes(n: int, gamma: float = 2.0) -> float:
+    """The client's dense ``n x n`` work of ``normal`` / ``sketch-direct``: the sketch
+    ``S A`` (``gamma n x n``) or the Gram matrix, its eigen- or singular vectors, the
+    preconditioner and a copy: ``8 n^2 (gamma + 3)`` bytes."""
+    return 8.0 * n * n * (gamma + 3)
+
+
+def gram_partials_bytes(n: int) -> float:
+    """What ``normal``'s tree reduction holds on one worker: about five ``n x n`` partial
+    sums (its inputs and its output), ``40 n^2`` bytes; a worker may give half its limit."""
+    return 8.0 * n * n * 5
+
+
+def tiled_client_bytes(n: int) -> float:
+    """``normal-tiled``'s client: the upper triangle of the Gram matrix, panel by panel
+    (half the square, ``4 n^2`` bytes), plus a panel in flight (at most ``8 n * 8000``)."""
+    return 4.0 * n * n + 8.0 * n * min(n, 8000)
 
 
 def choose(
@@ -99,7 +123,7 @@ def choose(
     # "normal"'s tree reduction holds about five (n x n) partial sums per worker; past the
     # budget, stream column tiles of the Gram matrix from the feature store instead.
     # On a cluster they must also fit half of one worker's memory limit.
-    partials = 8.0 * n * n * 5
+    partials = gram_partials_bytes(n)
     room = min(mem, 0.5 * worker_memory) if worker_memory else mem
     if store_streaming and resolved and "normal-tiled" in registered and partials > room:
         return "normal-tiled", (
@@ -108,7 +132,7 @@ def choose(
             "worker's memory limit); row panels streamed from "
             "the feature store, float32 panel products preconditioning float64 block CG"
         )
-    dense = 8.0 * n * n * (gamma + 3)  # S A, its V, P and C (sketch-direct); Gram + V (normal)
+    dense = client_dense_bytes(n, gamma)
     if dense > mem:
         if "split" in registered:
             return "split", (
@@ -174,8 +198,8 @@ def solve_auto(
     task : {"classification", "regression"}, optional
         The conditioning target; inferred from ``Y`` (one-hot / +-1: classification) if None.
     memory_limit : float, optional
-        Bytes the client may use for dense work (default: ``swimdist.memory-budget``, else
-        the available memory).
+        Bytes the client may use for dense work (default: ``swimdist.client-memory``, the
+        client's share of ``swimdist train --memory-limit``, else the available memory).
     small_entries, tall_ratio, direct_fraction
         Thresholds for choosing ``direct`` (module doc).
     max_unresolved : float
@@ -204,7 +228,7 @@ def solve_auto(
     design = as_design(A)
     A = design.array
     if memory_limit is None:
-        memory_limit = configured_budget()  # set by `swimdist train --memory-limit`
+        memory_limit = client_memory()  # the client's share of `swimdist train --memory-limit`
     classification = (task == "classification") if task else looks_like_classification(Y)
     n_workers, worker_limit, _ = worker_memory() if is_dask(A) else (0, None, None)
     gamma = float(options.get("gamma", 2.0))

@@ -268,7 +268,7 @@ class _StorePasses:
 
     def __call__(self, fn, with_y: bool, consts):
         # hash=False: equal constants of two passes must not share (and release) one key
-        consts_f = self.client.scatter(list(consts), broadcast=True, hash=False)
+        consts_f = self.client.scatter(list(consts), hash=False)
         futs = [self.client.submit(_store_pass_task, self.source, self.n_feat, a, b, self.rows,
                                    fn, self.Y[i] if with_y else None, consts_f, pure=False)
                 for i, (a, b) in enumerate(self.ranges)]
@@ -322,7 +322,7 @@ def _gram_panels(A, Y, n, K, *, reader, tile, gdt, checkpoint):
     elif client is not None and todo:
         from distributed import as_completed
 
-        Yf = client.scatter(Y, broadcast=True)
+        Yf = client.scatter(Y, hash=False)  # not broadcast=True: see _dask.broadcast
         futs = {}
         for i in todo:  # widest panels first: they take longest
             out = None if checkpoint is None else (checkpoint.path, f"panel-{i}")
