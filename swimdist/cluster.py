@@ -94,7 +94,8 @@ class MemoryPlan:
     def describe(self) -> str:
         mb = 2**20
         return (f"memory plan ({self.plan}): {format_bytes(self.total)} = client "
-                f"{self.client_fixed / mb:.0f} MB now + {self.client_dense / mb:.0f} MB dense work, "
+                f"{self.client_fixed / mb:.0f} MB now + {self.client_dense / mb:.0f} MB dense "
+                f"work, "
                 f"{self.n_workers} workers x {self.worker_limit / mb:.0f} MB")
 
 
