@@ -28,7 +28,7 @@ from .exceptions import DataConversionWarning, NotFittedError, ValidationError
 from .features import forward
 from .lstsq import check_options, get_solver, solve, solver_options
 from .models import MODEL_FORMAT, MODEL_VERSION, check_model_file, load_arrays, save_arrays
-from .sampling import SAMPLERS, Layer, sample_layers
+from .sampling import SAMPLERS, Layer, merge_duplicates, sample_layers
 from .validation import (
     check_hidden_layer_sizes,
     check_nonnegative,
@@ -58,7 +58,8 @@ class _SWIMBase:
 
     def __init__(self, *, hidden_layer_sizes=(100,), activation="tanh", sampler="swim",
                  solver="auto", rcond=1e-10, alpha=0.0, random_state=None, chunk_rows=None,
-                 store=None, feature_dtype="float64", replace=True, solver_options=None):
+                 store=None, feature_dtype="float64", replace=True, merge_duplicates="auto",
+                 solver_options=None):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.sampler = sampler
@@ -70,6 +71,7 @@ class _SWIMBase:
         self.store = store
         self.feature_dtype = feature_dtype
         self.replace = replace
+        self.merge_duplicates = merge_duplicates
         self.solver_options = solver_options
 
     # ------------------------------------------------------------------ sklearn protocol
@@ -130,6 +132,9 @@ class _SWIMBase:
                                   f"{self.feature_dtype!r}.")
         if self.chunk_rows is not None:
             check_positive_int(self.chunk_rows, "chunk_rows")
+        if self.merge_duplicates not in ("auto", True, False):
+            raise ValidationError(f"merge_duplicates must be 'auto', True or False; got "
+                                  f"{self.merge_duplicates!r}.")
         opts = self.solver_options or {}
         if not isinstance(opts, dict):
             raise ValidationError(f"solver_options must be a dict; got {type(opts).__name__}.")
@@ -179,11 +184,21 @@ class _SWIMBase:
             classification=self._task == "classification", seed=p["seed"],
             replace=self.replace,
         )
+        merge = self.merge_duplicates if self.merge_duplicates != "auto" else self.replace
+        solve_layers, merged = layers, None
+        if merge:
+            last, merged = merge_duplicates(layers[-1])
+            if merged.merged:
+                solve_layers = [*layers[:-1], last]
+                logger.info("fit: %d identical neurons merged into %d columns", merged.merged,
+                            last.width)
+            else:
+                merged = None
         t1 = time.perf_counter()
         resent = 0
         while True:
             try:
-                with build_design(X, layers, store=self.store, dtype=self.feature_dtype,
+                with build_design(X, solve_layers, store=self.store, dtype=self.feature_dtype,
                                   chunk_rows=self.chunk_rows, lazy=self.solver == "split") as A:
                     t2 = time.perf_counter()
                     res = solve(A, Y, method=self.solver, rcond=p["rcond"], alpha=p["alpha"],
@@ -211,11 +226,17 @@ class _SWIMBase:
         t3 = time.perf_counter()
         sol = np.asarray(res.solution, dtype=np.float64)
         self.layers_ = layers
-        self.coef_ = sol[:-1]
+        self.coef_ = sol[:-1] if merged is None else merged.expand(sol[:-1])
         self.intercept_ = sol[-1]
         self.solve_result_ = res
+        info["merged_columns"] = 0 if merged is None else merged.merged
         if "neuron_order" in res.info:  # split-and-solve: the solution is in column order
-            self.neuron_order_ = np.asarray(res.info["neuron_order"])
+            order = np.asarray(res.info["neuron_order"])
+            if merged is not None:  # merged columns -> the original neurons, in that order
+                position = np.empty_like(order)
+                position[order] = np.arange(order.size)
+                order = np.argsort(position[merged.inverse], kind="stable")
+            self.neuron_order_ = order
         elif hasattr(self, "neuron_order_"):
             del self.neuron_order_
         self.timings_ = {"sample": t1 - t0, "features": t2 - t1, "solve": t3 - t2,
@@ -223,6 +244,8 @@ class _SWIMBase:
         self.fit_info_ = {**info, "solver": res.method, "rank": res.rank,
                           "relative_residual": res.relative_residual,
                           "iterations": res.iterations, **res.info}
+        if "neuron_order" in self.fit_info_:
+            self.fit_info_["neuron_order"] = self.neuron_order_
         logger.info("fit %s: M=%d, solver %s, rank %s, relative residual %.3e, %.2fs",
                     type(self).__name__, M, res.method, res.rank, res.relative_residual,
                     t3 - t0)
@@ -316,6 +339,13 @@ class SWIMRegressor(_SWIMBase):
     feature_dtype : {"float64", "float32"}
     replace : bool
         Draw neuron pairs with replacement (the reference) or distinct pairs.
+    merge_duplicates : {"auto", True, False}
+        Solve with one column per set of identical neurons, scaled by ``sqrt(m)`` for ``m``
+        copies, and split its weight back as ``z / sqrt(m)``: exactly the minimum-norm
+        model over all the neurons (the same singular values, so the same ``rcond``
+        cutoff), with fewer columns for every solver (:func:`swimdist.sampling.
+        merge_duplicates`). "auto": when ``replace`` is True (wide layers drawn with
+        replacement repeat neurons). ``fit_info_["merged_columns"]`` counts the merged.
     solver_options : dict or None
         Extra keyword arguments for the solver (e.g. ``{"tol": 1e-10}``).
     """

@@ -39,7 +39,7 @@ def _forward(x: np.ndarray, params, columns, dtype, add_bias: bool) -> np.ndarra
     z = np.asarray(x, dtype=np.float64)
     for li, layer in enumerate(params):
         if li == len(params) - 1 and columns is not None:
-            layer = Layer(layer.weights[:, columns], layer.biases[columns], layer.activation)
+            layer = layer.columns(columns)
         if li == len(params) - 1 and add_bias and np.dtype(dtype) == np.float64:
             # The last layer goes straight into the block beside its bias column: no
             # concatenated copy afterwards.
@@ -82,9 +82,7 @@ def hidden_features(X, layers: list[Layer], *, columns=None, dtype="float64",
     layers = list(layers)
     if columns is not None:
         # Slice here, so only this block's weights and biases travel to the workers.
-        cols = np.asarray(columns)
-        last = layers[-1]
-        layers[-1] = Layer(last.weights[:, cols], last.biases[cols], last.activation)
+        layers[-1] = layers[-1].columns(np.asarray(columns))
     params = broadcast(layers)
     return X.map_blocks(
         _forward, params, None, dtype, add_bias,

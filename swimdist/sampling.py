@@ -37,6 +37,9 @@ class Layer:
     activation: str
     idx_from: np.ndarray | None = None
     idx_to: np.ndarray | None = None
+    #: Output multipliers (M,), or None: a merged layer's ``sqrt(multiplicity)`` per neuron
+    #: (:func:`merge_duplicates`).
+    scale: np.ndarray | None = None
 
     @property
     def width(self) -> int:
@@ -47,7 +50,15 @@ class Layer:
         (a new array when None; a view such as a block's first columns works too)."""
         h = np.matmul(Z, self.weights, out=out)
         h += self.biases
-        return get_activation(self.activation).fn(h)
+        h = get_activation(self.activation).fn(h)
+        if self.scale is not None:
+            h *= self.scale
+        return h
+
+    def columns(self, cols) -> Layer:
+        """The layer of just the neurons ``cols``."""
+        return Layer(self.weights[:, cols], self.biases[cols], self.activation,
+                     scale=None if self.scale is None else self.scale[cols])
 
 
 def layer_rng(seed: int, layer: int) -> np.random.Generator:
@@ -174,3 +185,59 @@ def sample_layers(X, Y: np.ndarray | None, hidden_layer_sizes, *, activation: st
         layers.append(Layer(W, b, activation, i_from[sel], i_to[sel]))
         logger.info("layer %d: %d neurons from %d candidate pairs", li, width, n_cand)
     return layers
+
+
+# --------------------------------------------------------------------------- duplicates
+@dataclass
+class Merge:
+    """Identical neurons of a layer merged into one (:func:`merge_duplicates`).
+
+    ``inverse[j]`` is the merged neuron of original neuron ``j``; ``counts[u]`` the
+    multiplicity of merged neuron ``u``.
+    """
+
+    inverse: np.ndarray  # (M,)
+    counts: np.ndarray  # (M_distinct,)
+
+    @property
+    def merged(self) -> int:
+        """How many columns merging removed."""
+        return int(self.inverse.shape[0] - self.counts.shape[0])
+
+    def expand(self, coef: np.ndarray) -> np.ndarray:
+        """Output weights of the merged neurons -> weights of the original ones, each
+        merged weight ``z`` split as ``z / sqrt(m)`` over its ``m`` copies."""
+        coef = np.asarray(coef)
+        scale = 1.0 / np.sqrt(self.counts.astype(np.float64))
+        return coef[self.inverse] * scale[self.inverse].reshape((-1,) + (1,) * (coef.ndim - 1))
+
+
+def merge_duplicates(layer: Layer) -> tuple[Layer, Merge]:
+    """One neuron for each set of identical neurons (same weights and bias), its output
+    scaled by ``sqrt(m)`` (``m``: the set's size).
+
+    The feature matrix of the merged layer is ``A E^T`` with ``E`` the (distinct x M)
+    matrix of rows ``1/sqrt(m)`` over each set: ``E`` has orthonormal rows, so ``A`` and
+    the merged matrix have the same nonzero singular values (an ``rcond`` cutoff keeps the
+    same directions), and the minimum-norm least-squares solution over the original
+    columns, with or without ridge damping, is ``E^T z`` for the merged one's ``z``
+    (:meth:`Merge.expand`): exactly gelsd's model, solved with fewer columns. Neurons keep
+    the order of their first occurrence.
+    """
+    keys = np.concatenate([layer.weights.T, layer.biases[:, None]], axis=1)
+    keys = np.ascontiguousarray(keys)
+    _, first, inverse, counts = np.unique(keys, axis=0, return_index=True,
+                                          return_inverse=True, return_counts=True)
+    order = np.argsort(first, kind="stable")  # unique rows in order of first occurrence
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    inverse = rank[inverse.reshape(-1)]
+    counts = counts[order]
+    keep = first[order]
+    scale = np.sqrt(counts.astype(np.float64))
+    if layer.scale is not None:
+        scale = scale * layer.scale[keep]
+    merged = Layer(layer.weights[:, keep], layer.biases[keep], layer.activation,
+                   None if layer.idx_from is None else layer.idx_from[keep],
+                   None if layer.idx_to is None else layer.idx_to[keep], scale)
+    return merged, Merge(inverse=inverse, counts=counts)

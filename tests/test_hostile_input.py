@@ -325,8 +325,6 @@ def known_solve_issue(defect: str, as_dask: bool, method: str) -> str | None:
         return "float16"
     if defect in ("nan", "inf") and as_dask:
         return "dask-nonfinite"
-    if defect in ("huge", "tiny") and method in ("lsrn", "normal"):
-        return "magnitude"
     return None
 
 
@@ -794,26 +792,24 @@ def test_attempt_counts_and_enforces_refusals():
     del CASES[("attempt check", "ok")]
 
 
-# --------------------------------------------------------------------------- known issues
-# Found by the properties above in code outside this file (swimdist/lstsq); the property
-# skips these cases (counted as "known issue") until the fix lands, when these turn XPASS.
+# --------------------------------------------------------------------------- extreme scales
+# Found by the properties above; fixed by the exact power-of-two scaling in solve().
 _RNG = np.random.default_rng(7)
 _Y = _RNG.standard_normal((6, 1))
-KNOWN_ISSUES = [
+EXTREME_SCALES = [
     pytest.param(_RNG.uniform(1, 2, (6, 2)) * 1e300, "lsrn", None,
-                 id="entries near 1e300: lsrn returns the zero solution (residual 1.0)"),
+                 id="entries near 1e300: lsrn"),
     pytest.param(_RNG.uniform(1, 2, (6, 2)) * 1e300, "normal", None,
-                 id="entries near 1e300: normal returns the zero solution (A^T A overflows)"),
+                 id="entries near 1e300: normal"),
     pytest.param(_RNG.uniform(1, 2, (6, 2)) * 1e-300, "lsrn", None,
-                 id="entries near 1e-300: lsrn returns NaN with a ConvergenceWarning"),
+                 id="entries near 1e-300: lsrn"),
     pytest.param(_RNG.uniform(1, 2, (6, 2)) * 1e-300, "normal", None,
-                 id="entries near 1e-300: normal returns the zero solution (A^T A underflows)"),
+                 id="entries near 1e-300: normal"),
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="known issue in swimdist/lstsq (see the test id)")
-@pytest.mark.parametrize("A, method, refusal", KNOWN_ISSUES)
-def test_known_solve_issues(A, method, refusal):
+@pytest.mark.parametrize("A, method, refusal", EXTREME_SCALES)
+def test_extreme_scales_solved_without_warnings(A, method, refusal):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a silent ComplexWarning/ConvergenceWarning is a failure
         if refusal is not None:
@@ -828,3 +824,26 @@ def test_known_solve_issues(A, method, refusal):
     ref = solve(A / scale, _Y, method="direct")
     assert np.isfinite(res.solution).all()
     assert res.relative_residual <= 1.01 * ref.relative_residual + 1e-8
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e-40, 1e40, 1e200])
+@pytest.mark.parametrize("method", ["direct", "normal", "sketch-direct", "lsrn", "auto",
+                                    "normal-tiled"])
+def test_extreme_entry_scales_reach_the_reference_residual(method, scale):
+    import scipy.linalg as sla
+
+    from swimdist.lstsq import solve
+
+    rng = np.random.default_rng(7)
+    A0 = np.tanh(rng.normal(size=(300, 20)) @ rng.normal(size=(20, 40)))
+    Y0 = A0 @ rng.normal(size=(40, 2)) + 1e-3 * rng.normal(size=(300, 2))
+    A, Y = A0 * scale, Y0 * np.sqrt(scale)
+    ref = sla.lstsq(A, Y, cond=1e-10, lapack_driver="gelsd")[0]
+    r_ref = np.linalg.norm(A @ ref - Y)
+    res = solve(A, Y, method=method)
+    X = res.solution
+    assert np.isfinite(X).all() and np.abs(X).max() > 0
+    assert np.linalg.norm(A @ X - Y) <= 1.01 * r_ref
+    np.testing.assert_allclose(np.linalg.norm(res.residual_norm), r_ref, rtol=1e-2)
+    # scaled exactly where the squares would leave float64's range (beyond 2**+-256)
+    assert (res.info.get("power_of_two_scaling") is not None) == (abs(np.log2(scale)) > 256)

@@ -37,7 +37,7 @@ import numpy as np
 from .._dask import keep_alive
 from ..design import as_design
 from ..exceptions import ValidationError
-from ._common import column_norms, is_dask, residual_norms
+from ._common import column_norms, is_dask, power_of_two_exponent, residual_norms
 from .result import LstsqResult
 
 logger = logging.getLogger("swimdist.lstsq")
@@ -98,7 +98,7 @@ def check_options(method: str, options: dict) -> None:
         )
 
 
-def solve(A, Y, method: str = "direct", *, rcond: float = 1e-10, alpha: float = 0.0,
+def solve(A, Y, method: str = "auto", *, rcond: float = 1e-10, alpha: float = 0.0,
           **options) -> LstsqResult:
     """Solve ``min_X ||A X - Y||_F`` (plus ``alpha ||X||_F^2`` when ``alpha > 0``).
 
@@ -109,7 +109,7 @@ def solve(A, Y, method: str = "direct", *, rcond: float = 1e-10, alpha: float = 
     Y : array_like or dask.array.Array, shape (N,) or (N, K)
         Right-hand sides, solved together.
     method : str
-        A key of :data:`SOLVERS` (``"direct"``, ...).
+        A key of :data:`SOLVERS`; ``"auto"`` (the default, as in the estimators) chooses.
     rcond : float
         Relative singular-value cutoff (not a regularization).
     alpha : float
@@ -167,8 +167,20 @@ def solve(A, Y, method: str = "direct", *, rcond: float = 1e-10, alpha: float = 
             raise ValidationError("Y contains NaN or infinity.")
     Y2 = Y if y_ndim == 2 else Y[:, None]
     t0 = time.perf_counter()
+    A_in, Y_in = A, Y2
+    eA = eY = 0
+    if design.placement == "array":
+        # Extreme scales (entries near 1e-200 or 1e200) are brought near 1 by exact powers
+        # of two; features built by swimdist are bounded by their activations.
+        A, Y2, alpha, eA, eY = _rescale(A, Y2, alpha)
     with keep_alive():  # constants and right-hand sides sent to the workers stay there
         res = fn(design.with_array(A), Y2, rcond=rcond, alpha=alpha, **options)
+    if eA or eY:
+        res.solution = np.ldexp(res.solution, eY - eA)
+        if res.residual_norm is not None:
+            res.residual_norm = np.ldexp(np.asarray(res.residual_norm, dtype=np.float64), eY)
+        res.info["power_of_two_scaling"] = {"A": -eA, "Y": -eY}
+        A, Y2 = A_in, Y_in
     if res.residual_norm is None:
         t1 = time.perf_counter()
         res.residual_norm = residual_norms(A, res.solution, Y2)
@@ -182,6 +194,24 @@ def solve(A, Y, method: str = "direct", *, rcond: float = 1e-10, alpha: float = 
         res.solution = res.solution[:, 0]
     logger.debug("solve: %r", res)
     return res
+
+
+def _rescale(A, Y, alpha):
+    """``(2^-eA A, 2^-eY Y, 2^-2eA alpha, eA, eY)`` with the exponents of
+    :func:`power_of_two_exponent` (0: left as they are; no copy)."""
+    def amax(a):
+        m = abs(a).max()
+        return float(m.compute() if is_dask(m) else m)
+
+    eA = power_of_two_exponent(amax(A), A.dtype)
+    eY = power_of_two_exponent(amax(Y), np.float64)
+    if eA:
+        A = A * np.asarray(np.ldexp(1.0, -eA), dtype=A.dtype if A.dtype.kind == "f"
+                           else np.float64)
+        alpha = float(np.ldexp(alpha, -2 * eA))
+    if eY:
+        Y = Y * np.ldexp(1.0, -eY)
+    return A, Y, alpha, eA, eY
 
 
 from . import direct as _direct  # noqa: E402  (registers "direct")

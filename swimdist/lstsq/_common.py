@@ -54,6 +54,24 @@ def svd_solve(U: np.ndarray, s: np.ndarray, Vt: np.ndarray, B: np.ndarray, *, rc
     return X, r
 
 
+def power_of_two_exponent(amax: float, dtype) -> int:
+    """The exponent ``e`` such that ``2**-e * a`` brings an array of largest magnitude
+    ``amax`` near 1, when it lies outside ``2**(+-maxexp/4)`` for its dtype; else 0.
+
+    Scaling by a power of two is exact (no significant bit changes). The bound leaves the
+    squares that the normal equations form (``amax**2``), times ``rcond**2`` and the
+    machine precision, inside the dtype's normal range: float64 within ``2**+-256``,
+    float32 within ``2**+-32``. Outside it, entries near ``1e-200`` square to zero (a
+    Gram matrix of zeros) and entries near ``1e200`` to infinity.
+    """
+    if not np.isfinite(amax) or amax == 0:
+        return 0
+    dtype = np.dtype(dtype)
+    limit = np.finfo(dtype if dtype.kind == "f" else np.float64).maxexp // 4
+    e = int(np.frexp(amax)[1])
+    return e if abs(e) > limit else 0
+
+
 def digest_array(Y: np.ndarray) -> str:
     """A short content hash of an array (checkpoints record which right-hand sides they
     belong to)."""

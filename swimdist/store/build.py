@@ -65,6 +65,8 @@ def fingerprint_job(**parts: Any) -> str:
                 h.update(fingerprint_array(layer.weights).encode())
                 h.update(fingerprint_array(layer.biases).encode())
                 h.update(layer.activation.encode())
+                if layer.scale is not None:
+                    h.update(fingerprint_array(layer.scale).encode())
         else:
             h.update(json.dumps(v, sort_keys=True, default=str).encode())
     return h.hexdigest()
