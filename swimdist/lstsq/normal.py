@@ -291,7 +291,20 @@ def solve_normal(
         del G
         lam_max = max(float(lam[-1]), 0.0)
         sig = np.sqrt(np.maximum(lam, 0.0))
-        keep = sig > rcond * math.sqrt(lam_max) if lam_max > 0 else np.zeros(n, bool)
+        cut = rcond
+        if not verify:
+            # Unverified, the Gram matrix cannot vouch for directions below its own
+            # resolution (eigenvalues within trust * n * eps * lambda_max are rounding):
+            # cut there, and say so, rather than keep noise as signal.
+            cut = max(rcond, trusted_rcond(n, trust))
+            if cut > rcond:
+                converged = False
+                info["reason"] = (
+                    f"rcond={rcond:g} is below what the Gram matrix resolves ({cut:.1e}); "
+                    f"cut at {cut:.1e} instead (use verify=True or solver='auto' to reach "
+                    "rcond)")
+            info["cutoff"] = cut
+        keep = sig > cut * math.sqrt(lam_max) if lam_max > 0 else np.zeros(n, bool)
         x, energy = _eig_solve(lam, V, b, keep, alpha)
         rank = int(keep.sum())
         info.update(
@@ -327,6 +340,10 @@ def solve_normal(
         Gd = G
         # the damping dominates the Gram matrix's rounding (about n eps trace(G)) by 1e4
         info["alpha_resolved"] = bool(alpha >= 1e4 * n * _EPS * float(np.trace(G)))
+        converged = info["alpha_resolved"]  # else the damping does not vouch for accuracy
+        if not converged:
+            info["reason"] = (f"alpha={alpha:g} does not dominate the Gram matrix's rounding "
+                              f"({1e4 * n * _EPS * float(np.trace(G)):.1e}); not verified")
         Gd[np.diag_indices(n)] += alpha
         try:
             with single_thread_lapack():
