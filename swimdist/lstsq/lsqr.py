@@ -21,8 +21,10 @@ columns in lockstep is the point. The recurrences and stopping tests follow scip
 - ``rnorm <= tol * ||Y_k|| + tol * ||B|| * ||z_k||``  (a consistent system is solved), or
 - ``||B^T r_k|| <= tol * ||B|| * ||r_k||``              (a least-squares solution is reached),
 
-with ``B = [A; d I] P`` and ``||B||`` scipy's running Frobenius estimate. A column that meets
-either test is converged; the iteration stops when all are.
+with ``B = [A; d I] P`` and ``||B||`` scipy's running Frobenius estimate, plus scipy's
+machine-precision stops (the same tests at ``eps``: ``1 + test <= 1``). A column that meets
+any test is converged (its ``arnorm``, the certificate, is in the outcome); the iteration
+stops when all are.
 
 The Chebyshev semi-iteration (Golub and Varga 1961; as in LSRN, Meng, Saunders and Mahoney
 2014, Algorithm 2) needs bounds ``sigma_lo <= sigma(B) <= sigma_hi`` instead of inner products:
@@ -197,6 +199,9 @@ class IterationOutcome:
         Columns that met the stopping tests.
     stop_reason : str
         ``"tolerance"``, ``"iteration limit"`` or ``"diverged"`` (Chebyshev).
+    certificate : ndarray, shape (K,), optional
+        ``||B^T r|| / (||B|| ||r||)`` per column at the returned iterate (LSQR's estimates):
+        the least-squares optimality certificate; 0 for a consistent system solved exactly.
     """
 
     z: np.ndarray
@@ -205,6 +210,7 @@ class IterationOutcome:
     rnorm: np.ndarray
     converged: np.ndarray
     stop_reason: str
+    certificate: np.ndarray | None = None
 
 
 def _check_iteration_args(op, Y, P, z0, tol, max_iter):
@@ -291,6 +297,7 @@ def lsqr(
     yn = np.where(ynorm > 0, ynorm, 1.0)
     yF = max(float(np.linalg.norm(ynorm)), np.finfo(float).tiny)
     rnorm = beta.copy()
+    arnorm = alpha * beta  # ||B^T r|| at the start
     history = [float(np.linalg.norm(beta)) / yF]
     # converged at the start: exact start (beta = 0) or B^T r = 0 (alpha = 0)
     converged = (beta <= tol * yn) | (alpha * beta == 0)
@@ -327,7 +334,12 @@ def lsqr(
         history.append(float(np.linalg.norm(rnorm)) / yF)
         test1 = rnorm <= tol * ynorm + tol * anorm * znorm
         test2 = arnorm <= tol * (anorm * rnorm + eps)
-        converged = converged | test1 | test2
+        # scipy's machine-precision stops (istop 4 and 5): the same tests with tol = eps,
+        # met where rounding leaves nothing to gain, whatever tol asked for
+        with np.errstate(divide="ignore", invalid="ignore"):
+            prec1 = 1.0 + rnorm / (ynorm + anorm * znorm) <= 1.0
+            prec2 = 1.0 + arnorm / (anorm * rnorm + eps) <= 1.0
+        converged = converged | test1 | test2 | prec1 | prec2
         if checkpoint is not None and it % max(1, checkpoint_every) == 0:
             checkpoint.save("lsqr", z=z0 + dz, it=np.array(it))
         logger.debug(
@@ -345,7 +357,9 @@ def lsqr(
             ConvergenceWarning,
             stacklevel=2,
         )
-    return IterationOutcome(z0 + dz, it, history, rnorm, converged, reason)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cert = np.where(rnorm > 0, arnorm / (anorm * rnorm + eps), 0.0)
+    return IterationOutcome(z0 + dz, it, history, rnorm, converged, reason, cert)
 
 
 def chebyshev_iterations(sigma_lo: float, sigma_hi: float, tol: float) -> int:

@@ -251,6 +251,8 @@ def solve_lsrn(
         "sketch_sigma_min_kept": float(sr[-1]),
         "stop_reason": out.stop_reason,
         "converged_columns": int(out.converged.sum()),
+        "arnorm_certificate": (None if out.certificate is None
+                               else float(np.max(out.certificate))),
         "graph_sizes": list(op.graph_sizes),
         "resumed_at": resumed,
     }
