@@ -49,6 +49,7 @@ import numpy as np
 from ..design import row_chunked, rows_like
 from ..exceptions import ConvergenceWarning, ValidationError
 from ._common import column_norms, is_dask
+from .kernels import f64_pieces
 
 logger = logging.getLogger("swimdist.lstsq.lsqr")
 
@@ -167,15 +168,27 @@ def _times(A: np.ndarray, W: np.ndarray) -> np.ndarray:
 
 
 def _axpy_block(A_i, W, U_i, a):
-    out = _times(_aligned(A_i), _aligned(W))
+    A_i, W = _aligned(A_i), _aligned(W)
+    if A_i.dtype == W.dtype:
+        out = _times(A_i, W)
+    else:
+        # float32 A: a mixed-dtype product runs numpy's non-BLAS loop (29x slower); convert
+        # a cache-sized slice of rows at a time and multiply in float64 (BLAS)
+        out = np.empty((A_i.shape[0], W.shape[1]), order="F")
+        for r0, ab in f64_pieces(A_i):
+            out[r0:r0 + ab.shape[0]] = _times(ab, W)
     out += a * U_i
     return out
 
 
 def _reduce_block(A_i, U_i):
     A_i, U_i = _aligned(A_i), _aligned(U_i)
-    out = np.empty((1, A_i.shape[1] + 1, U_i.shape[1]))
-    np.matmul(A_i.T, U_i, out=out[0, :-1])
+    out = np.zeros((1, A_i.shape[1] + 1, U_i.shape[1]))
+    if A_i.dtype == U_i.dtype:
+        np.matmul(A_i.T, U_i, out=out[0, :-1])
+    else:  # float32 A: as in _axpy_block
+        for r0, ab in f64_pieces(A_i):
+            out[0, :-1] += ab.T @ U_i[r0:r0 + ab.shape[0]]
     out[0, -1] = np.einsum("ij,ij->j", U_i, U_i)
     return out
 
