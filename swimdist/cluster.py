@@ -70,6 +70,11 @@ CLUSTER_OVERHEAD = 48 * 2**20
 #: The least a worker may get: its interpreter with numpy, scipy, dask and zarr loaded
 #: (about 100 MB) and room for a few small feature blocks.
 WORKER_FLOOR = 256 * 2**20
+#: An idle worker process with swimdist's libraries loaded (measured 95-130 MB).
+WORKER_BASELINE = 128 * 2**20
+#: A worker's planned peak stays below this fraction of its limit (Dask's nanny restarts a
+#: worker at 95 %).
+WORKER_HEADROOM = 0.9
 
 
 @dataclass(frozen=True)
@@ -82,14 +87,18 @@ class MemoryPlan:
     worker_limit: int  # each worker's memory limit (its baseline included)
     n_workers: int
     plan: str  # which solve family the split was made for
+    gram_tile: int | None = None  # rows per Gram panel (the row-panel plan)
 
     def settings(self) -> dict:
         """dask.config settings that keep a fit inside the plan: the budget, the client's
         share for dense work, and feature blocks of an eighth of a worker's limit (a worker
         holds a few at a time: the one it generates or reads, the one it reduces, inputs)."""
-        return {"swimdist.memory-budget": self.total,
-                "swimdist.client-memory": self.client_dense,
-                "swimdist.max-block-bytes": max(self.worker_limit // 8, 1 << 20)}
+        out = {"swimdist.memory-budget": self.total,
+               "swimdist.client-memory": self.client_dense,
+               "swimdist.max-block-bytes": max(self.worker_limit // 8, 1 << 20)}
+        if self.gram_tile:
+            out["swimdist.gram-tile"] = self.gram_tile
+        return out
 
     def describe(self) -> str:
         mb = 2**20
@@ -115,7 +124,13 @@ def plan_memory(total: int | str, n_workers: int, n_columns: int, *,
     """
     import psutil
 
-    from .lstsq.auto import client_dense_bytes, gram_partials_bytes, tiled_client_bytes
+    from .lstsq.auto import (
+        client_dense_bytes,
+        gram_partials_bytes,
+        tiled_client_bytes,
+        tiled_worker_bytes,
+    )
+    from .lstsq.tiled import TILE
 
     total = int(parse_bytes(total) if isinstance(total, str) else total)
     rss = int(psutil.Process().memory_info().rss if client_rss is None else client_rss)
@@ -125,21 +140,30 @@ def plan_memory(total: int | str, n_workers: int, n_columns: int, *,
     w = max(1, int(n_workers))
     dense = int(client_dense_bytes(n))
     need = max(WORKER_FLOOR, int(2 * gram_partials_bytes(n)))
+    tile = None
     if dense + w * need <= free:
         plan, reserve = "normal equations", dense
     else:
-        plan, reserve = "row-panel Gram matrix", int(tiled_client_bytes(n))
+        # Row panels: the tallest panel (fewest passes over the store) whose client copy
+        # and worker tasks fit; panel heights halve down to 500 rows.
+        plan = "row-panel Gram matrix"
+        for tile in (TILE, 3000, 2000, 1500, 1000, 500):
+            reserve = int(tiled_client_bytes(n, tile))
+            need = max(WORKER_FLOOR, int((WORKER_BASELINE + tiled_worker_bytes(n, tile))
+                                         / WORKER_HEADROOM))
+            if reserve + w * need <= free:
+                break
     limit = (free - reserve) // w
-    if limit < WORKER_FLOOR:
+    if limit < need:
         mb = 2**20
         raise ValidationError(
             f"A memory limit of {format_bytes(total)} is too small for {n} columns on {w} "
             f"workers: the client holds {fixed / mb:.0f} MB (libraries and data) and needs "
             f"{reserve / mb:.0f} MB for the {plan}, which leaves {max(limit, 0) / mb:.0f} MB "
-            f"per worker (at least {WORKER_FLOOR / mb:.0f} MB). Raise --memory-limit, use "
+            f"per worker (they need {need / mb:.0f} MB). Raise --memory-limit, use "
             "fewer workers or fewer neurons.")
     return MemoryPlan(total=total, client_fixed=fixed, client_dense=reserve,
-                      worker_limit=int(limit), n_workers=w, plan=plan)
+                      worker_limit=int(limit), n_workers=w, plan=plan, gram_tile=tile)
 
 
 def connect(address: str | None = None, *, n_workers: int | None = None,

@@ -34,12 +34,23 @@ def test_plan_splits_the_whole_budget_and_agrees_with_auto(total, workers, n, rs
         assert plan.client_dense == client_dense_bytes(n)
         assert name != "normal-tiled"
     else:
-        assert plan.client_dense == tiled_client_bytes(n)
+        assert plan.client_dense == tiled_client_bytes(n, plan.gram_tile)
         assert name == "normal-tiled"
+        assert settings_tile(plan) == plan.gram_tile
     settings = plan.settings()
     assert settings["swimdist.memory-budget"] == budget
     assert settings["swimdist.client-memory"] == plan.client_dense
     assert settings["swimdist.max-block-bytes"] == max(plan.worker_limit // 8, MB)
+
+
+def settings_tile(plan):
+    return plan.settings().get("swimdist.gram-tile")
+
+
+def test_row_panels_shrink_with_the_budget():
+    tiles = [plan_memory(b, 2, 20001, client_rss=650 * MB).gram_tile
+             for b in ("12GB", "6GB", "5GB", "4.2GB")]
+    assert tiles == sorted(tiles, reverse=True) and tiles[-1] < tiles[0]
 
 
 def test_plan_refuses_a_budget_the_client_alone_exceeds():

@@ -74,10 +74,21 @@ def gram_partials_bytes(n: int) -> float:
     return 8.0 * n * n * 5
 
 
-def tiled_client_bytes(n: int) -> float:
-    """``normal-tiled``'s client: the upper triangle of the Gram matrix, panel by panel
-    (half the square, ``4 n^2`` bytes), plus a panel in flight (at most ``8 n * 8000``)."""
-    return 4.0 * n * n + 8.0 * n * min(n, 8000)
+def tiled_client_bytes(n: int, tile: int) -> float:
+    """``normal-tiled``'s client: the upper triangle of the Gram matrix as float64 row
+    panels (``4 n^2 + 4 n tile`` bytes: half the square and the diagonal tiles' lower
+    halves) and one panel in flight (float32 as it arrives and its float64 copy,
+    ``12 n tile``)."""
+    return 4.0 * n * n + 16.0 * n * tile
+
+
+def tiled_worker_bytes(n: int, tile: int) -> float:
+    """What one ``normal-tiled`` panel task holds on a worker: its float32 panel and the
+    copy sent back (``8 n tile``) and two row blocks of its columns (the one read from
+    the store and the one converted)."""
+    from .tiled import PANEL_BLOCK_BYTES
+
+    return 8.0 * n * tile + 2.0 * PANEL_BLOCK_BYTES
 
 
 def choose(

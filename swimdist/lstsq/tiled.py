@@ -47,6 +47,7 @@ import time
 import numpy as np
 import scipy.linalg as sla
 
+from .. import config
 from .._dask import current_client, single_thread_lapack
 from ..design import as_design, reduce_blocks, row_chunked, rows_like
 from ..exceptions import ConvergenceWarning, ValidationError
@@ -347,7 +348,7 @@ def _gram_panels(A, Y, n, K, *, reader, tile, gdt, checkpoint):
 
 
 def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
-                       tile: int = TILE, gram_dtype: str = "float64",
+                       tile: int | None = None, gram_dtype: str = "float64",
                        ridge: float | None = None, precond_ridge: float | None = None,
                        max_iter: int = 40, cg_tol: float = 3e-5,
                        checkpoint_every: int = 5) -> LstsqResult:
@@ -368,8 +369,9 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
         The default ``ridge``.
     alpha : float
         Tikhonov damping; the target ridge is ``max(alpha, ridge * trace(A^T A) / n)``.
-    tile : int
-        Rows per panel (at most 8000).
+    tile : int, optional
+        Rows per panel (at most 8000; default ``swimdist.gram-tile``, which an embedded
+        cluster's memory plan sets from the budget, else :data:`TILE`).
     gram_dtype : {"float64", "float32"}
         Precision of the panel products. float32 runs at twice the GEMM rate; CG recovers
         float64 accuracy.
@@ -397,6 +399,8 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
     if Y.ndim == 1:
         Y = Y[:, None]
     K = Y.shape[1]
+    if tile is None:
+        tile = int(config.get("gram-tile", None) or TILE)
     if not 1 <= tile <= 8000:
         raise ValidationError(f"tile must be between 1 and 8000 columns; got {tile}.")
     if gram_dtype not in ("float64", "float32"):
