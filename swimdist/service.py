@@ -502,6 +502,8 @@ def run_job(spec: dict, *, performance_report: str | None = None, progress: bool
                    "iterations": est.fit_info_.get("iterations"),
                    "solver_timings": {k: round(float(v), 3)
                                       for k, v in est.solve_result_.timings.items()}}
+        if plan is not None:
+            metrics["memory_plan"] = plan.describe()
         if Xt is not None:
             metrics["test"] = evaluate(est, Xt, yt, task)
         status.update(phase="saving", metrics=metrics)
