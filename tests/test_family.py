@@ -19,9 +19,12 @@ from swimdist.exceptions import SwimdistError
 from swimdist.lstsq import solve
 
 N_PROBLEMS = 200
-#: Documented residual factors against gelsd's (same rcond) for a converged result.
-FACTOR = {"direct": 1.0 + 1e-9, "normal": 1.01, "sketch-direct": 1.01, "lsrn": 1.01,
-          "auto": 1.01}
+#: Documented residual factors against gelsd's (same rcond) for a converged result. LSRN
+#: cuts at rcond on the sketch's singular values, which approximate A's only to a factor
+#: 1 +- sqrt(n / s): near the cutoff its rank may differ from gelsd's (README: 0.99-1.09x).
+FACTOR = {"direct": 1.0 + 1e-9, "normal": 1.01, "normal-verified": 1.01,
+          "sketch-direct": 1.01, "lsrn": 1.10, "auto": 1.01}
+OPTIONS = {"normal-verified": ("normal", {"verify": True})}
 SOLVERS = tuple(FACTOR)
 
 
@@ -75,7 +78,7 @@ def references():
         A, Y, meta = problem(i)
         A64 = np.asarray(A, dtype=np.float64)
         x = sla.lstsq(A64, Y, cond=1e-10, lapack_driver="gelsd")[0]
-        out[i] = (np.linalg.norm(A64 @ x - Y), np.linalg.norm(x))
+        out[i] = (np.linalg.norm(A64 @ x - Y), None)
     return out
 
 
@@ -102,7 +105,8 @@ def test_every_solver_reaches_gelsd_or_says_it_did_not(method, references):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ConvergenceWarning is an allowed outcome
             try:
-                res = solve(A, Y, method=method, rcond=1e-10)
+                name, opts = OPTIONS.get(method, (method, {}))
+                res = solve(A, Y, method=name, rcond=1e-10, **opts)
             except SwimdistError as exc:
                 assert str(exc), (i, meta)
                 outcomes["refused"] += 1
@@ -120,8 +124,11 @@ def test_every_solver_reaches_gelsd_or_says_it_did_not(method, references):
         if r_ref < 0.999 * np.linalg.norm(Y):  # gelsd's solution is not zero
             assert np.abs(X).max() > 0, (method, i, meta)
         outcomes["reached"] += 1
-    # each solver's own domain: direct and auto always reach it
+    # each solver's own domain: direct and auto always reach it; unverified normal cuts at
+    # the Gram matrix's resolution (above rcond=1e-10 for every n here) and says so
     if method in ("direct", "auto"):
         assert outcomes["reached"] == N_PROBLEMS, outcomes
+    elif method == "normal":
+        assert outcomes["not converged"] == N_PROBLEMS, outcomes
     else:
         assert outcomes["reached"] >= N_PROBLEMS // 2, outcomes

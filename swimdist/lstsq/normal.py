@@ -200,6 +200,11 @@ def _verified(
             break
         x = x + d1 + d0
     info["verify_passes"] = _it + 1
+    if not converged:
+        info["reason"] = (
+            "rcond is below what Z^T Z resolves" if info.get("unresolvable") else
+            f"after {_it + 1} verification passes a refinement step could still reduce the "
+            f"residual by {info.get('refine_gain', math.nan):.2e} (accept_tol={tol:g})")
     return x_out, rank, np.sqrt(np.maximum(rr, 0.0)), converged, info
 
 
