@@ -229,7 +229,9 @@ class _SWIMBase:
         self.coef_ = sol[:-1] if merged is None else merged.expand(sol[:-1])
         self.intercept_ = sol[-1]
         self.solve_result_ = res
-        info["merged_columns"] = 0 if merged is None else merged.merged
+        # identical neurons merged here, constant or zero columns by solve (in-memory A)
+        info["merged_columns"] = ((0 if merged is None else merged.merged)
+                                  + int(res.info.get("merged_columns", 0)))
         if "neuron_order" in res.info:  # split-and-solve: the solution is in column order
             order = np.asarray(res.info["neuron_order"])
             if merged is not None:  # merged columns -> the original neurons, in that order

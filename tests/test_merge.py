@@ -114,3 +114,42 @@ def test_distinct_sampling_merges_nothing_by_default():
     assert m.fit_info_["merged_columns"] == 0
     with pytest.raises(Exception, match="merge_duplicates"):
         SWIMRegressor(merge_duplicates="yes").fit(X, y)
+
+
+@pytest.mark.parametrize("method", ["direct", "auto", "normal", "sketch-direct", "lsrn"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_zero_and_constant_columns_merge_exactly(method, seed):
+    """Zero and constant columns (dead relu neurons, saturated ones, the bias) become one
+    column: the same minimum-norm solution as gelsd over the original columns."""
+    from swimdist.lstsq import solve, solver_options
+
+    rng = np.random.default_rng(seed)
+    N, n = 600, 30
+    A = np.tanh(rng.standard_normal((N, 4)) @ rng.standard_normal((4, n)))
+    cols = rng.choice(n, 6, replace=False)
+    A[:, cols[:2]] = 0.0                               # dead
+    A[:, cols[2:5]] = rng.uniform(-1, 1, 3)            # constant on the data
+    A[:, cols[5]] = 1.0                                 # a bias
+    Y = rng.standard_normal((N, 2))
+    ref = np.linalg.lstsq(A, Y, rcond=1e-10)[0]
+    opts = {"seed": 0} if "seed" in solver_options(method) else {}
+    res = solve(A, Y, method=method, **opts)
+    assert res.info["merged_columns"] == 5
+    tol = 1e-8 if method in ("direct", "auto", "sketch-direct") else 1e-5
+    np.testing.assert_allclose(A @ res.solution, A @ ref, atol=tol * np.abs(A @ ref).max())
+    np.testing.assert_allclose(res.solution, ref, atol=tol * max(1.0, np.abs(ref).max()))
+    assert np.all(res.solution[cols[:2]] == 0)
+
+
+def test_constant_merge_keeps_the_ridge_solution():
+    from swimdist.lstsq import solve
+
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((300, 12))
+    A[:, 3], A[:, 7], A[:, 9] = 2.0, -0.5, 0.0
+    Y = rng.standard_normal((300, 1))
+    alpha = 0.3
+    ref = np.linalg.solve(A.T @ A + alpha * np.eye(12), A.T @ Y)
+    res = solve(A, Y, method="direct", alpha=alpha)
+    assert res.info["merged_columns"] == 2
+    np.testing.assert_allclose(res.solution, ref, rtol=1e-10, atol=1e-12)

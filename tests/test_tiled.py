@@ -182,3 +182,48 @@ def test_blocked_cholesky_at_16500_columns_does_not_crash():
 def test_bad_options_are_rejected(kw, msg):
     with pytest.raises(ValidationError, match=msg):
         solve(np.eye(4), np.ones(4), method="normal-tiled", **kw)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_default_stop_reaches_the_direct_residual_on_a_square_system(dtype):
+    # well conditioned and consistent: the direct answer has residual ~1e-14; the error
+    # estimate keeps CG going until the objective left is at the products' rounding
+    rng = np.random.default_rng(7)
+    A = rng.standard_normal((35, 35)) + 6 * np.eye(35)
+    Y = rng.standard_normal((35, 2))
+    ref = solve(A, Y, method="direct")
+    r = solve(A, Y, method="normal-tiled", gram_dtype=dtype, tile=10)
+    assert r.converged and r.info["stop"] == "accept_tol"
+    assert np.linalg.norm(r.residual_norm) <= 1e-10 * np.linalg.norm(Y)
+    np.testing.assert_allclose(r.solution, ref.solution, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_stop_certifies_the_ridge_optimum(seed):
+    p = make_lstsq_problem(2500, 50, cond=1e4, n_rhs=2, noise=0.1, seed=seed)
+    ref = solve(p["A"], p["Y"], method="direct", rcond=1e-12)
+    r = solve(p["A"], p["Y"], method="normal-tiled", gram_dtype="float32", tile=16)
+    assert r.converged
+    # within accept_tol^2 / 2 = 5e-5 of the optimum (plus the tiny ridge's bias)
+    assert r.relative_residual <= (1 + 1e-4) * ref.relative_residual
+
+
+def test_ridge_follows_the_rcond_cutoff():
+    # singular values 1 .. 1e-8: rcond 1e-4 must damp those below 1e-4 sigma_max (a ridge
+    # of (rcond sigma_max)^2), not those below sqrt(rcond) sigma_rms
+    rng = np.random.default_rng(5)
+    N, n = 1500, 40
+    U, _ = np.linalg.qr(rng.standard_normal((N, n)))
+    V, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    s = np.logspace(0, -8, n)
+    A = (U * s) @ V.T
+    Y = rng.standard_normal((N, 1))
+    r = solve(A, Y, method="normal-tiled", rcond=1e-4, tile=8)
+    assert r.info["ridge"] == pytest.approx((1e-4 * s[0]) ** 2, rel=1e-2)
+    # the kept directions (s >= 1e-3) are fitted as gelsd fits them
+    keep = s >= 1e-3
+    c = V.T @ r.solution
+    c_ref = (U.T @ Y) / s[:, None]
+    np.testing.assert_allclose(c[keep], c_ref[keep], rtol=1e-2)
+    # the damped ones (s <= 1e-5) hardly move
+    assert np.all(np.abs(c[s <= 1e-5]) <= 0.1 * np.abs(c_ref[s <= 1e-5]))

@@ -173,8 +173,14 @@ def solve(A, Y, method: str = "auto", *, rcond: float = 1e-10, alpha: float = 0.
         # Extreme scales (entries near 1e-200 or 1e200) are brought near 1 by exact powers
         # of two; features built by swimdist are bounded by their activations.
         A, Y2, alpha, eA, eY = _rescale(A, Y2, alpha)
+    merge = _constant_columns(A) if design.placement == "array" and not is_dask(A) else None
+    A_solve = A if merge is None else merge.merged(A)
     with keep_alive():  # constants and right-hand sides sent to the workers stay there
-        res = fn(design.with_array(A), Y2, rcond=rcond, alpha=alpha, **options)
+        res = fn(design.with_array(A_solve), Y2, rcond=rcond, alpha=alpha, **options)
+    del A_solve
+    if merge is not None:
+        res.solution = merge.expand(np.asarray(res.solution).reshape(-1, Y2.shape[1]))
+        res.info["merged_columns"] = merge.merged_count
     if eA or eY:
         res.solution = np.ldexp(res.solution, eY - eA)
         if res.residual_norm is not None:
@@ -196,12 +202,60 @@ def solve(A, Y, method: str = "auto", *, rcond: float = 1e-10, alpha: float = 0.
     return res
 
 
+class _ConstantMerge:
+    """Columns of ``A`` that are constant on its rows (zero ones included) merged exactly.
+
+    With ``c`` the vector of the constant values, those columns are ``1 c^T = (||c|| 1)
+    (c / ||c||)^T``: one column ``||c|| 1`` and an orthonormal map back, so the minimum-norm
+    solution (and the ridge one) over the merged matrix, ``z``, gives the original one as
+    ``x_j = c_j z / ||c||``; zero columns get weight 0 (``c = 0``: the column is dropped).
+    """
+
+    def __init__(self, const: np.ndarray, values: np.ndarray):
+        self.const, self.keep = const, np.flatnonzero(~const)
+        self.values = values.astype(np.float64)
+        self.norm = float(np.linalg.norm(self.values))
+        self.merged_count = int(const.sum()) - (1 if self.norm > 0 else 0)
+
+    def merged(self, A: np.ndarray) -> np.ndarray:
+        out = A[:, self.keep]
+        if self.norm > 0:
+            out = np.concatenate([out, np.full((A.shape[0], 1), self.norm, dtype=A.dtype)],
+                                 axis=1)
+        return out
+
+    def expand(self, z: np.ndarray) -> np.ndarray:
+        x = np.zeros((self.const.size, z.shape[1]))
+        x[self.keep] = z[: self.keep.size]
+        if self.norm > 0:
+            x[self.const] = np.outer(self.values / self.norm, z[-1])
+        return x
+
+
+def _constant_columns(A) -> _ConstantMerge | None:
+    """The merge of ``A``'s constant columns, or None when there is nothing to merge (at most
+    one constant column, not zero: the bias). One ``O(N n)`` scan; a copy of ``A`` only when
+    it finds some."""
+    if A.shape[1] < 2:
+        return None
+    lo, hi = A.min(axis=0), A.max(axis=0)
+    const = lo == hi
+    count = int(const.sum())
+    if count == 0 or (count == 1 and not np.any(lo[const] == 0)) or count == A.shape[1]:
+        return None
+    return _ConstantMerge(const, lo[const])
+
+
 def _rescale(A, Y, alpha):
     """``(2^-eA A, 2^-eY Y, 2^-2eA alpha, eA, eY)`` with the exponents of
     :func:`power_of_two_exponent` (0: left as they are; no copy)."""
     def amax(a):
-        m = abs(a).max()
-        return float(m.compute() if is_dask(m) else m)
+        hi, lo = a.max(), a.min()  # no |a| temporary
+        if is_dask(hi):
+            import dask
+
+            hi, lo = dask.compute(hi, lo)
+        return max(float(hi), -float(lo))
 
     eA = power_of_two_exponent(amax(A), A.dtype)
     eY = power_of_two_exponent(amax(Y), np.float64)

@@ -34,6 +34,7 @@ from .._dask import available_memory, client_memory, worker_memory
 from ..design import as_design
 from ..exceptions import ConvergenceWarning, ValidationError
 from ._common import is_dask
+from .costs import TASK_OVERHEAD, Rates, machine_rates, rates_known
 from .normal import trusted_rcond
 from .result import LstsqResult
 
@@ -44,16 +45,23 @@ TASKS = ("classification", "regression")
 #: The solvers ``auto`` may run; its options are theirs (each gets the ones it takes).
 CANDIDATES = ("direct", "normal", "sketch-direct", "lsrn", "normal-tiled", "split")
 
-__all__ = ["CANDIDATES", "TASKS", "choose", "looks_like_classification", "solve_auto"]
+#: Below ``N n^2`` of this, gelsd (at 2 GFLOP/s or more) takes less time than measuring the
+#: machine's rates would (about three seconds): until they are measured (by a larger
+#: problem), such problems go straight to the reference.
+CALIBRATION_FLOPS = 2e9
+
+__all__ = ["CALIBRATION_FLOPS", "CANDIDATES", "TASKS", "choose", "looks_like_classification",
+           "predict", "solve_auto", "unresolved_budget"]
 
 
 def looks_like_classification(Y) -> bool:
-    """True when every row of ``Y`` is one-hot (0/1, one 1) or ``Y`` is one column of +-1."""
+    """True when ``Y`` holds class indicators: every entry 0 or 1 (one-hot, or multi-label)
+    or every entry -1 or +1 (one column per class or a single +-1 column)."""
     Yn = Y.compute() if is_dask(Y) else np.asarray(Y)
     Yn = Yn.reshape(Yn.shape[0], -1)
-    if Yn.shape[1] == 1:
-        return bool(np.all(np.abs(Yn) == 1))
-    return bool(np.all((Yn == 0) | (Yn == 1)) and np.all(Yn.sum(axis=1) == 1))
+    if Yn.size == 0:
+        return False
+    return bool(np.all((Yn == 0) | (Yn == 1)) or np.all(np.abs(Yn) == 1))
 
 
 # --------------------------------------------------------------------------- byte counts
@@ -91,6 +99,82 @@ def tiled_worker_bytes(n: int, tile: int) -> float:
     return 8.0 * n * tile + 2.0 * PANEL_BLOCK_BYTES
 
 
+def predict(
+    shape: tuple[int, int],
+    *,
+    n_rhs: int = 1,
+    classification: bool,
+    rcond: float,
+    alpha: float,
+    in_memory: bool,
+    n_workers: int = 0,
+    memory_limit: float | None = None,
+    gamma: float = 2.0,
+    dtype="float64",
+    rates: Rates | None = None,
+    bandwidth: float | None = None,
+) -> dict[str, tuple[float, float]]:
+    """Predicted seconds ``(best, worst)`` of ``direct``, ``normal`` and ``sketch-direct`` on
+    an ``N x n`` problem, over what only the data can tell (``inf``: does not fit).
+
+    ``normal``'s regression path ranges from no unresolved direction (one thin pass after
+    the Gram matrix) to all of them (``k = n``), but once its eigendecomposition has shown
+    ``k`` it verifies only while that is cheaper than the fallback
+    (:func:`unresolved_budget`): its worst case is the Gram matrix and the fallback.
+    ``sketch-direct`` is counted with a full sketch rank (``r = n``).
+    """
+    N, n, K = int(shape[0]), int(shape[1]), int(n_rhs)
+    rates = rates or machine_rates()
+    mem = float(memory_limit) if memory_limit else available_memory()
+    a_bytes = 8.0 * N * n
+    # gelsd: numpy copies A (Fortran order) next to the client's copy; gathered from workers
+    # when A lives there
+    direct_bytes = a_bytes * (2 if in_memory else 3) + client_dense_bytes(n, 0.0)
+    t = rates.gelsd(N, n)
+    if not in_memory and n_workers > 0:
+        t += a_bytes / (bandwidth or 100e6)
+    direct = t if direct_bytes <= mem else math.inf
+    thin = rates.product(N, n, K, dtype) * 2  # A X and A^T R
+    s = math.ceil(gamma * n)
+    sketch = (rates.sparse_sketch(N, n) + rates.gelsd(s, n) + rates.product(N, n, n, dtype)
+              + rates.eig(n) / 3 + thin) if N >= s else math.inf
+    gram = rates.gram(N, n, dtype)
+    if classification or (alpha == 0 and rcond >= trusted_rcond(n)):
+        normal = (gram + rates.eig(n) + thin,) * 2
+    elif alpha > 0:
+        normal = (gram + rates.eig(n) / 3 + thin,) * 2  # Cholesky: n^3 / 3
+    else:
+        full = rates.product(N, n, n + K, dtype) + rates.eig(n) + thin
+        first = gram + rates.eig(n)
+        normal = (first + thin, first + min(full, sketch, direct))
+    # every pass over A has a fixed cost (a task at least): gelsd makes none
+    normal = (normal[0] + 2 * TASK_OVERHEAD, normal[1] + 4 * TASK_OVERHEAD)
+    sketch += 3 * TASK_OVERHEAD
+    return {"direct": (direct, direct), "normal": normal, "sketch-direct": (sketch, sketch)}
+
+
+def unresolved_budget(shape, *, n_rhs: int, fallback_seconds: float, rates: Rates | None = None,
+                      dtype="float64") -> float:
+    """The most unresolved directions (as a fraction of ``n``) whose verification pass
+    (``2 N n (k + K) + N k^2`` flops and a ``k x k`` eigendecomposition) costs less than the
+    fallback: ``normal``'s ``max_unresolved`` under ``auto``."""
+    N, n = int(shape[0]), int(shape[1])
+    rates = rates or machine_rates()
+    if not math.isfinite(fallback_seconds):
+        return 1.0
+
+    def cost(k):
+        return rates.product(N, n, k + n_rhs, dtype) + rates.eig(max(k, 1))
+
+    if cost(n) <= fallback_seconds:
+        return 1.0
+    lo, hi = 0, n
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if cost(mid) <= fallback_seconds else (lo, mid)
+    return lo / n
+
+
 def choose(
     shape: tuple[int, int],
     *,
@@ -100,13 +184,15 @@ def choose(
     in_memory: bool,
     n_workers: int = 0,
     memory_limit: float | None = None,
-    small_entries: float = 2e6,
-    tall_ratio: float = 8.0,
-    direct_fraction: float = 0.25,
     gamma: float = 2.0,
     registered=(),
     store_streaming: bool = False,
     worker_memory: float | None = None,
+    n_rhs: int = 1,
+    dtype="float64",
+    rates: Rates | None = None,
+    candidates=None,
+    bandwidth: float | None = None,
 ) -> tuple[str, str]:
     """The solver ``auto`` starts with for a problem of this shape, and why (no data touched).
 
@@ -114,7 +200,7 @@ def choose(
     ----------
     shape : (N, n)
     classification : bool
-        The target is a classification (one-hot / +-1 targets).
+        The target is a classification (class indicators).
     rcond, alpha : float
         As in :func:`swimdist.solve`.
     in_memory : bool
@@ -123,10 +209,20 @@ def choose(
         Workers of the distributed cluster in use (0: none).
     memory_limit : float, optional
         Bytes the client may use (default: the available memory).
-    small_entries, tall_ratio, direct_fraction, gamma
-        Thresholds of the rules in the module doc.
+    gamma : float
+        Sketch oversampling of ``sketch-direct``.
     registered : iterable of str
-        Solver names available (for ``split``).
+        Solver names available (for ``split`` and ``normal-tiled``).
+    store_streaming, worker_memory
+        ``A`` is read from a feature store (``normal-tiled`` can stream it); a worker's limit.
+    n_rhs, dtype
+        Right-hand sides; ``A``'s dtype (float32 products run at float32 rates).
+    rates : Rates, optional
+        Measured rates (default: this machine's, :func:`.costs.machine_rates`).
+    candidates : iterable of str, optional
+        Restrict the first choice to these (default: direct, normal, sketch-direct).
+    bandwidth : float, optional
+        Bytes per second from the workers to the client (default: the scheduler's measure).
     """
     N, n = int(shape[0]), int(shape[1])
     mem = float(memory_limit) if memory_limit else available_memory()
@@ -154,35 +250,45 @@ def choose(
             f"A has {n} columns: the dense {n} x {n} work needs about {dense / 2**30:.1f} GiB "
             f"but {mem / 2**30:.1f} GiB is available. Use fewer neurons or solver='split'."
         )
-    a_bytes = 8.0 * N * n
-    small = N * n <= small_entries
-    fits = (a_bytes if in_memory else 2 * a_bytes) <= direct_fraction * mem
-    # Gathering from several workers is cheap below a few hundred MB (the sine problem's
-    # 40 MB A: gelsd in 1 s beats any distributed pass there).
-    gather_ok = in_memory or small or n_workers <= 1 or a_bytes <= 2**28
-    if (small or N < tall_ratio * n) and fits and gather_ok:
-        why = (
-            f"A is small ({N} x {n})"
-            if small
-            else f"A is not tall ({N} x {n}, N/n = {N / n:.1f} < {tall_ratio:g}): a sketch "
-            f"saves little"
-        )
-        return "direct", why + "; gelsd is the reference"
-    if classification:
-        return "normal", (
-            "classification target: the Gram matrix's resolution suffices; "
-            "verified by a thin second pass"
-        )
-    if alpha == 0 and rcond >= trusted_rcond(n):
-        return "normal", (
-            f"rcond={rcond:g} is within what the Gram matrix resolves "
-            f"({trusted_rcond(n):.1e}); verified by a thin second pass"
-        )
-    return "sketch-direct", (
-        f"regression with rcond={rcond:g} below the Gram matrix's "
-        f"resolution ({trusted_rcond(n):.1e}): sketch-preconditioned "
-        "direct solve"
-    )
+    if N * n * n <= CALIBRATION_FLOPS and not candidates and rates is None and not rates_known():
+        # gelsd finishes before the rates could be measured
+        return "direct", f"A is small ({N} x {n}); gelsd is the reference"
+    secs = predict(shape, n_rhs=n_rhs, classification=classification, rcond=rcond, alpha=alpha,
+                   in_memory=in_memory, n_workers=n_workers, memory_limit=mem, gamma=gamma,
+                   dtype=dtype, rates=rates, bandwidth=bandwidth)
+    pool = tuple(candidates) if candidates else tuple(secs)
+    pool = [c for c in pool if c in secs and (not registered or c in registered)
+            and math.isfinite(secs[c][1])]
+    if not pool:
+        if "lsrn" in registered or not registered:
+            return "lsrn", "neither gelsd nor a dense n x n solve fits the client's memory"
+        raise ValidationError(f"No solver fits a {N} x {n} problem in "
+                              f"{mem / 2**30:.1f} GiB of client memory.")
+    name = min(pool, key=lambda c: (regret(c, pool, secs), c != "direct"))
+    table = ", ".join(f"{c} {_span(secs[c])} s" for c in ("direct", "normal", "sketch-direct")
+                      if c in secs)
+    why = {
+        "direct": "gelsd is the reference",
+        "normal": ("classification target: certified over the directions the Gram matrix "
+                   "resolves" if classification else
+                   "certified by its verification pass" if alpha == 0 else
+                   "Cholesky on the damped Gram matrix"),
+        "sketch-direct": "sketch-preconditioned direct solve, certified by its refinement pass",
+    }[name]
+    task = "classification" if classification else "regression"
+    return name, f"predicted {table} ({task}; least regret over the data); {why}"
+
+
+def _span(t: tuple[float, float]) -> str:
+    return f"{t[0]:.2g}" if t[0] == t[1] else f"{t[0]:.2g}..{t[1]:.2g}"
+
+
+def regret(name: str, pool, secs: dict[str, tuple[float, float]]) -> float:
+    """The most time starting with ``name`` can lose against the best choice in hindsight,
+    over the two extremes the data decides between (the best and the worst case of each
+    candidate): ``auto``'s choice minimizes it (a minimax-regret rule: no prior over the
+    data is assumed)."""
+    return max(secs[name][i] - min(secs[c][i] for c in pool) for i in (0, 1))
 
 
 def solve_auto(
@@ -193,33 +299,29 @@ def solve_auto(
     alpha: float = 0.0,
     task: str | None = None,
     memory_limit: float | None = None,
-    small_entries: float = 2e6,
-    tall_ratio: float = 8.0,
-    direct_fraction: float = 0.25,
-    max_unresolved: float = 0.25,
+    candidates=None,
     accept_tol: float = 1e-2,
     **options,
 ) -> LstsqResult:
-    """Solve ``min ||A X - Y||_F`` with the solver the rules in the module doc pick.
+    """Solve ``min ||A X - Y||_F`` with the solver the cost models in the module doc pick.
 
     Parameters
     ----------
     A, Y, rcond, alpha
         As in :func:`swimdist.solve`.
     task : {"classification", "regression"}, optional
-        The conditioning target; inferred from ``Y`` (one-hot / +-1: classification) if None.
+        The conditioning target; inferred from ``Y`` (class indicators: classification) if
+        None.
     memory_limit : float, optional
         Bytes the client may use for dense work (default: ``swimdist.client-memory``, the
         client's share of ``swimdist train --memory-limit``, else the available memory).
-    small_entries, tall_ratio, direct_fraction
-        Thresholds for choosing ``direct`` (module doc).
-    max_unresolved : float
-        ``normal`` gives way to ``sketch-direct`` when the Gram matrix leaves more than this
-        fraction of the columns unresolved.
+    candidates : sequence of str, optional
+        Solvers ``auto`` may start with (default: ``direct``, ``normal``, ``sketch-direct``;
+        the fallbacks are always available).
     accept_tol : float
-        The acceptance test of ``normal`` and ``sketch-direct`` (their ``accept_tol``): a
-        solution is accepted when its refinement step ``D`` has ``||A D|| <= accept_tol
-        ||Y - A X||``.
+        The certificate of ``normal`` and ``sketch-direct`` (their ``accept_tol``): a
+        solution is accepted when its residual is within ``1 / sqrt(1 - accept_tol^2)`` of the
+        best over the certified subspace.
     **options
         Options of the candidate solvers (:data:`CANDIDATES`: ``seed``, ``gamma``,
         ``tile``...): each candidate receives the ones it takes. An option that none of them
@@ -228,57 +330,70 @@ def solve_auto(
     Returns
     -------
     LstsqResult
-        ``method="auto"``; ``info["chosen"]``, ``info["reason"]``, ``info["attempts"]``.
+        ``method="auto"``; ``info["chosen"]``, ``info["reason"]``, ``info["attempts"]``,
+        ``info["predicted_seconds"]``.
     """
     from . import SOLVERS, check_options, solver_options
 
     check_options("auto", options)
     if task is not None and task not in TASKS:
         raise ValidationError(f"Unknown task {task!r}; valid tasks are: {', '.join(TASKS)}.")
+    if candidates is not None:
+        bad = [c for c in candidates if c not in CANDIDATES]
+        if bad or not len(candidates):
+            raise ValidationError(f"candidates must be a non-empty list of "
+                                  f"{', '.join(CANDIDATES)}; got {candidates!r}.")
     t0 = time.perf_counter()
     design = as_design(A)
     A = design.array
     if memory_limit is None:
         memory_limit = client_memory()  # the client's share of `swimdist train --memory-limit`
+    mem = float(memory_limit) if memory_limit else available_memory()
     classification = (task == "classification") if task else looks_like_classification(Y)
     n_workers, worker_limit, _ = worker_memory() if is_dask(A) else (0, None, None)
     gamma = float(options.get("gamma", 2.0))
+    N, n = A.shape
+    K = Y.shape[1]
+    bandwidth = _bandwidth() if n_workers else None
+    common = dict(classification=classification, rcond=rcond, alpha=alpha,
+                  in_memory=not is_dask(A), n_workers=n_workers, memory_limit=mem,
+                  gamma=gamma, bandwidth=bandwidth)
     name, reason = choose(
         A.shape,
-        classification=classification,
-        rcond=rcond,
-        alpha=alpha,
-        in_memory=not is_dask(A),
-        n_workers=n_workers,
-        memory_limit=memory_limit,
-        small_entries=small_entries,
-        tall_ratio=tall_ratio,
-        direct_fraction=direct_fraction,
-        gamma=gamma,
         registered=tuple(SOLVERS),
         store_streaming=design.reader is not None,
         worker_memory=worker_limit,
+        n_rhs=K,
+        dtype=A.dtype,
+        candidates=candidates,
+        **common,
     )
+    spans = (predict(A.shape, n_rhs=K, dtype=A.dtype, **common)
+             if name in ("normal", "sketch-direct", "direct")
+             and (N * n * n > CALIBRATION_FLOPS or candidates or rates_known()) else {})
+    secs = {c: t[1] for c, t in spans.items()}  # worst cases
     t_choose = time.perf_counter() - t0
     logger.info(
         "auto: %s for A %s, K=%d, %s (%s, %d workers): %s",
         name,
         A.shape,
-        Y.shape[1],
+        K,
         "classification" if classification else "regression",
         "dask" if is_dask(A) else "numpy",
         n_workers,
         reason,
     )
-    N, n = A.shape
-    fits = 8.0 * N * n * (1 if not is_dask(A) else 2) <= direct_fraction * (
-        float(memory_limit) if memory_limit else available_memory()
-    )
+    # Fallbacks: the other certified solvers in order of predicted cost, then the reference
+    # (when A fits) or LSRN.
+    fits = secs.get("direct", math.inf) < math.inf if secs else (
+        8.0 * N * n * (2 if not is_dask(A) else 3) <= mem)
     chain = [name]
-    if name == "normal":
-        chain.append("sketch-direct")
-    if name in ("normal", "sketch-direct"):
-        chain.append("direct" if fits else "lsrn")
+    if name in ("normal", "sketch-direct", "direct"):
+        if name == "normal" and math.isfinite(secs.get("sketch-direct", math.inf)) and (
+                secs["sketch-direct"] <= secs.get("direct", math.inf)):
+            chain.append("sketch-direct")
+        if name != "direct":
+            chain.append("direct" if fits else "lsrn")
     attempts: list[dict] = []
     res = None
     for i, cand in enumerate(chain):
@@ -293,15 +408,20 @@ def solve_auto(
         if cand == "normal-tiled":
             opts.setdefault("gram_dtype", "float32" if classification else "float64")
         if cand == "normal":
+            opts.update(accept_tol=accept_tol)
             if alpha == 0:
-                opts.update(verify=True, accept_tol=accept_tol, max_unresolved=max_unresolved)
+                opts["verify"] = "resolved" if classification else True
+                # verify the unresolved directions only while that costs less than the
+                # solver that would take over
+                later = [secs.get(c, math.inf) for c in chain[i + 1:]]
+                fallback = min(later, default=math.inf)
+                opts["max_unresolved"] = (unresolved_budget(A.shape, n_rhs=K, dtype=A.dtype,
+                                                            fallback_seconds=fallback)
+                                          if secs else 1.0)
         elif cand == "sketch-direct":
             opts.update(accept_tol=accept_tol)
         res = SOLVERS[cand](Ac, Y, rcond=rcond, alpha=alpha, **opts)
         ok = bool(res.converged)
-        if cand == "normal" and alpha > 0:
-            # Cholesky with damping: vouched when alpha dominates the Gram matrix's rounding
-            ok = ok and res.info.get("alpha_resolved", False)
         attempts.append(
             {
                 "solver": cand,
@@ -339,6 +459,7 @@ def solve_auto(
         "reason": reason,
         "attempts": attempts,
         "task": "classification" if classification else "regression",
+        "predicted_seconds": {k: list(v) for k, v in spans.items() if math.isfinite(v[1])},
     }
     return LstsqResult(
         solution=res.solution,
@@ -352,3 +473,16 @@ def solve_auto(
         converged=res.converged,
         info=info,
     )
+
+
+def _bandwidth() -> float | None:
+    """Bytes per second the scheduler measures between workers (distributed's estimate)."""
+    from .._dask import current_client
+
+    client = current_client()
+    if client is None:
+        return None
+    try:
+        return float(client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.bandwidth))
+    except Exception:  # noqa: BLE001 -- an estimate only; the default is distributed's own
+        return None

@@ -19,12 +19,29 @@ The rounding error of ``A^T A`` is about ``eps ||A||^2``, so singular values bel
 ``sqrt(n eps) sigma_max`` (1e-6 .. 1e-7 relative) are lost in noise. On MNIST classification
 (duplicate neurons merged: ``cond(A)`` 1e4 .. 1e6) this gives the same model as gelsd in a
 third of the time; on the sine regression with ``rcond = 1e-10`` its test error is 100-250x
-gelsd's. ``verify=True`` makes it safe: one more thin pass forms ``Z = A V_0`` for the
-eigenvectors ``V_0`` the Gram matrix cannot resolve (``lambda < trust * n * eps *
-lambda_max``) together with the residual, solves the small problem in that subspace from
-``Z^T Z`` (accurate: its scale is ``||Z||``, not ``||A||``), takes a refinement step in the
-resolved subspace, and accepts the solution only when the residual cannot shrink by more than
-the relative amount ``tol`` (``converged``). ``solver="auto"`` uses that mode.
+gelsd's. ``verify`` makes it safe.
+
+The certificate
+---------------
+A solution ``X`` is *accepted* (``converged=True``) when a pass over ``A`` computes the
+residual ``R = Y - A X`` and ``A^T R`` accurately (row by row: backward stable), and the best
+correction ``D`` within the certified subspace then satisfies ``||A D||_F <= tau ||R||_F``
+(``tau = accept_tol``). Since ``||R||^2 - ||R_best||^2 = ||A D||^2`` for the exact step, this
+means ``||R|| <= ||R_best|| / sqrt(1 - tau^2)``: within ``1 + tau^2 / 2`` (``1.00005`` at the
+default ``1e-2``) of the best residual over that subspace. The step is computed with the
+Gram matrix's eigenvectors as a preconditioner: on the resolved directions (``lambda > trust n
+eps lambda_max``) the eigenvalues carry a relative error of at most ``1 / trust`` (rounding
+``n eps lambda_max``), so ``A V_1 Lambda_1^{-1/2}`` has singular values within
+``sqrt(1 +- 1/trust)`` of 1 and the computed ``||A D||`` is within that factor of the exact
+one (``trust = 16``: 3 %).
+
+``verify="resolved"`` certifies the subspace the Gram matrix resolves (the cutoff is then
+``max(rcond, trusted_rcond(n))``, recorded as ``info["cutoff"]``): only thin passes.
+``verify=True`` certifies the subspace above ``rcond``: one more pass forms ``Z = A V_0`` for
+the eigenvectors ``V_0`` the Gram matrix cannot resolve, solves the small problem in that
+subspace from ``Z^T Z`` (accurate: its scale is ``||Z||``, not ``||A||``), and later passes are
+thin again. ``solver="auto"`` uses the first for classification targets and the second for
+regression.
 
 OpenBLAS
 --------
@@ -122,18 +139,28 @@ def _residual_from_gram(yty, b, x, xgx) -> np.ndarray | None:
 
 
 def _verified(
-    A, Y, lam, V, b, *, rcond, trust, tol, max_refine, max_unresolved, split_every, history, ynorm
+    A, Y, lam, V, b, *, rcond, trust, tol, max_refine, max_unresolved, split_every, history,
+    ynorm, subspace="rcond",
 ):
-    """Two-level check and refinement of a normal-equations solution (see the module doc)."""
+    """Two-level check and refinement of a normal-equations solution (see the module doc).
+
+    ``subspace="resolved"`` certifies the best solution over the directions the Gram matrix
+    resolves (no ``Z`` pass: every pass is thin); ``"rcond"`` over every direction above
+    ``rcond``, the unresolved ones solved from ``Z = A V_0``.
+    """
     n, K = V.shape[0], Y.shape[1]
     lam_max = float(lam[-1]) if lam.size else 0.0
     cut2 = (rcond * rcond) * lam_max
     trust2 = trust * n * _EPS * lam_max
     res1 = lam > max(cut2, trust2)
     V1, lam1 = V[:, res1], lam[res1]
-    V0 = np.ascontiguousarray(V[:, ~res1]) if cut2 < trust2 else np.zeros((n, 0))
+    two_level = subspace == "rcond" and cut2 < trust2
+    V0 = np.ascontiguousarray(V[:, ~res1]) if two_level else np.zeros((n, 0))
     k = V0.shape[1]
-    info = {"unresolved_dim": k}
+    info = {"unresolved_dim": int((~res1).sum()) if cut2 < trust2 else 0,
+            "certified_subspace": "rcond" if (two_level or cut2 >= trust2) else "resolved"}
+    if not two_level and cut2 < trust2:
+        info["cutoff"] = math.sqrt(trust * n * _EPS)
     if k > max_unresolved * n:
         info["reason"] = (
             f"the Gram matrix leaves {k} of {n} directions unresolved (more than "
@@ -145,19 +172,23 @@ def _verified(
     # start from the resolved subspace only; the rest comes from Z's least-squares problem
     x = V1 @ ((V1.T @ b) / lam1[:, None])
     rank, converged, rr, x_out = int(res1.sum()), False, None, x
+    mu = W = None
+    kz = 0
     for _it in range(max(1, max_refine)):
+        # The first pass forms Z^T Z (Z = A V0); later ones are thin (A^T R and ||R||^2):
+        # Z^T R = V0^T (A^T R), whose rounding (eps ||A|| ||R||) is far below Z's scale.
+        V0p = V0 if mu is None else np.zeros((n, 0))
+        kp = V0p.shape[1]
         flat = reduce_blocks(
             verify_pass,
             A,
             (Y,),
-            (V0, x),
-            length=k * k + k * K + K + n * K,
+            (V0p, x),
+            length=kp * kp + kp * K + K + n * K,
             split_every=split_every,
         )
-        ZtZ = flat[: k * k].reshape(k, k)
-        ZtR = flat[k * k : k * k + k * K].reshape(k, K)
-        rr = flat[k * k + k * K : k * k + k * K + K]
-        AtR = flat[k * k + k * K + K :].reshape(n, K)
+        rr = flat[kp * kp + kp * K : kp * kp + kp * K + K]
+        AtR = flat[kp * kp + kp * K + K :].reshape(n, K)
         x_out = x
         history.append(math.sqrt(float(rr.sum())) / ynorm)
         # refinement step in the resolved subspace
@@ -165,9 +196,11 @@ def _verified(
         d1 = V1 @ (C1 / lam1[:, None])
         gain2 = float(np.sum(C1 * C1 / lam1[:, None]))
         # least squares in the unresolved subspace, from Z's own Gram matrix
-        kz = 0
+        d0 = 0.0
         if k:
-            mu, W = np.linalg.eigh(ZtZ)
+            if mu is None:
+                mu, W = np.linalg.eigh(flat[: k * k].reshape(k, k))
+            ZtR = V0.T @ AtR
             zero_floor = trust * k * _EPS * max(float(mu[-1]), 0.0)
             # Z = A V0 itself is only known to about sqrt(n) eps sigma_max
             noise2 = (64 * math.sqrt(n) * _EPS) ** 2 * lam_max
@@ -177,13 +210,9 @@ def _verified(
                 C0 = W[:, keep].T @ ZtR
                 d0 = V0 @ (W[:, keep] @ (C0 / mu[keep][:, None]))
                 gain2 += float(np.sum(C0 * C0 / mu[keep][:, None]))
-            else:
-                d0 = 0.0
             info["unresolved_kept"] = kz
             if cut2 < zero_floor and mu[-1] > cut2:
                 info["unresolvable"] = True  # rcond below what Z^T Z resolves
-        else:
-            d0 = 0.0
         rank = int(res1.sum()) + kz
         rel, ok = accept_gain(
             gain2,
@@ -215,7 +244,7 @@ def solve_normal(
     rcond: float = 1e-10,
     alpha: float = 0.0,
     factor: str | None = None,
-    verify: bool = False,
+    verify: bool | str = False,
     accept_tol: float = 1e-2,
     max_refine: int = 3,
     max_unresolved: float = 1.0,
@@ -237,10 +266,14 @@ def solve_normal(
     factor : {"eigh", "cholesky"}, optional
         Default ``"eigh"`` for ``alpha == 0``, ``"cholesky"`` for ``alpha > 0``. Cholesky
         applies no cutoff and fails on a singular ``A^T A + alpha I``.
-    verify : bool
-        One more thin pass (and up to ``max_refine`` in all) checks and refines the solution
-        in the subspace the Gram matrix cannot resolve (module doc); ``converged`` tells
-        whether it passed the ``accept_tol`` test. ``alpha == 0`` and ``factor="eigh"`` only.
+    verify : bool or {"rcond", "resolved"}
+        ``True`` / ``"rcond"``: one more pass (and up to ``max_refine`` in all, the later ones
+        thin) checks and refines the solution over every direction above ``rcond``, solving
+        the ones the Gram matrix cannot resolve from ``Z = A V_0`` (module doc).
+        ``"resolved"``: the solution is the best over the directions the Gram matrix resolves
+        (cutoff ``max(rcond, trusted_rcond(n))``), certified by thin passes only (``A^T R``:
+        ``4 N n K`` flops each). ``converged`` tells whether it passed the ``accept_tol``
+        test. ``alpha == 0`` and ``factor="eigh"`` only.
     accept_tol : float
         With ``verify``: accept ``X`` when the refinement step ``D`` it computes satisfies
         ``||A D||_F <= accept_tol * ||Y - A X||_F`` (or is below the rounding floor of
@@ -271,6 +304,9 @@ def solve_normal(
         raise ValidationError(
             f"Unknown factor {factor!r}; valid factors are: {', '.join(FACTORS)}."
         )
+    if verify not in (False, True, "rcond", "resolved"):
+        raise ValidationError(
+            f"verify must be True, False, 'rcond' or 'resolved'; got {verify!r}.")
     if verify and (alpha != 0 or factor != "eigh"):
         raise ValidationError(
             f"verify=True needs alpha == 0 and factor='eigh'; got "
@@ -333,6 +369,7 @@ def solve_normal(
                 split_every=split_every,
                 history=history,
                 ynorm=ynorm,
+                subspace="resolved" if verify == "resolved" else "rcond",
             )
             info.update(vinfo)
             info["passes"] += vinfo["verify_passes"]
@@ -343,12 +380,17 @@ def solve_normal(
             resid = _residual_from_gram(yty, b, x, xgx)
     else:
         Gd = G
-        # the damping dominates the Gram matrix's rounding (about n eps trace(G)) by 1e4
-        info["alpha_resolved"] = bool(alpha >= 1e4 * n * _EPS * float(np.trace(G)))
+        # Cholesky of G + alpha I is backward stable: it solves G + dG + alpha I with
+        # ||dG|| <= n eps trace(G), so the solution's relative error is at most
+        # n eps trace(G) / alpha; vouched for when that is within accept_tol^2 (the
+        # residual bound the certificate of the eigh path gives)
+        need = n * _EPS * float(np.trace(G)) / (accept_tol * accept_tol)
+        info["alpha_resolved"] = bool(alpha >= need)
         converged = info["alpha_resolved"]  # else the damping does not vouch for accuracy
         if not converged:
             info["reason"] = (f"alpha={alpha:g} does not dominate the Gram matrix's rounding "
-                              f"({1e4 * n * _EPS * float(np.trace(G)):.1e}); not verified")
+                              f"(needs alpha >= n eps trace(A^T A) / accept_tol^2 = "
+                              f"{need:.1e}); not verified")
         Gd[np.diag_indices(n)] += alpha
         try:
             with single_thread_lapack():

@@ -45,6 +45,7 @@ from scipy.linalg.blas import dgemm
 from ..design import row_chunked, rows_like
 from ..exceptions import ChunkingError, ValidationError
 from ._common import is_dask
+from .kernels import f64_pieces
 
 #: Rows per key block: the granularity at which the random stream is keyed.
 KEY_ROWS = 1024
@@ -212,8 +213,10 @@ def sketch_block(
     Bs = [B] if isinstance(B, np.ndarray) or not isinstance(B, (list, tuple)) else list(B)
     Bs = [np.asarray(b) for b in Bs]
     Bs = [b[:, None] if b.ndim == 1 else b for b in Bs]
-    # C-contiguous and aligned (distributed may deserialize blocks at odd addresses)
-    Bs = [np.require(b, dtype=np.float64, requirements=["C", "A"]) for b in Bs]
+    # C-contiguous and aligned (distributed may deserialize blocks at odd addresses); float32
+    # blocks stay float32 here and are converted a slice of rows at a time below
+    Bs = [np.require(b, dtype=b.dtype if b.dtype in (np.float32, np.float64) else np.float64,
+                     requirements=["C", "A"]) for b in Bs]
     rows = Bs[0].shape[0]
     if any(b.ndim != 2 or b.shape[0] != rows for b in Bs):
         raise ValidationError(
@@ -230,7 +233,14 @@ def sketch_block(
     S = _sparse_sign_matrix(start, rows, s, int(seed), int(nnz))
     col = 0
     for b in Bs:
-        out[:, col : col + b.shape[1]] = S @ b
+        if b.dtype == np.float64:
+            out[:, col : col + b.shape[1]] = S @ b
+        else:
+            # scipy would convert the whole block to float64; a slice of rows at a time
+            dst = out[:, col : col + b.shape[1]]
+            dst[:] = 0.0
+            for r0, piece in f64_pieces(b):
+                dst += S[:, r0 : r0 + piece.shape[0]] @ piece
         col += b.shape[1]
     return out
 

@@ -61,6 +61,7 @@ logger = logging.getLogger("swimdist.lstsq")
 #: Rows per Gram tile (panel height). <= 8000: numpy's SYRK path segfaults in OpenBLAS 0.3.31
 #: at >= 16000.
 TILE = 4000
+_EPS = float(np.finfo(np.float64).eps)
 #: Bytes of one row block of a panel task (its columns from the store, as the tile dtype).
 PANEL_BLOCK_BYTES = 128 * 2**20
 
@@ -135,6 +136,31 @@ class PanelCholesky:
     def trace(self) -> float:
         return float(sum(np.trace(P[:, :b - a]) for (a, b), P in zip(self.tiles, self.panels,
                                                                      strict=True)))
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        """``G x`` before :meth:`factor` (the panels hold ``G``'s upper triangle, full
+        diagonal tiles)."""
+        y = np.zeros_like(x, dtype=np.float64)
+        for (a, b), P in zip(self.tiles, self.panels, strict=True):
+            y[a:b] += P @ x[a:]
+            if b < self.n:
+                y[b:] += P[:, b - a:].T @ x[a:b]
+        return y
+
+    def largest_eigenvalue(self) -> float:
+        """``lambda_max(G)`` to a few percent (Lanczos: scipy's ``eigsh`` on :meth:`matvec`),
+        before :meth:`factor`."""
+        from scipy.sparse.linalg import LinearOperator, eigsh
+
+        n = self.n
+        if n <= 2:
+            G = np.array([[float(self.matvec(e)[i]) for e in np.eye(n)] for i in range(n)])
+            return float(np.linalg.eigvalsh(G)[-1])
+        op = LinearOperator((n, n), matvec=lambda v: self.matvec(np.ravel(v)), dtype=np.float64)
+        v0 = np.ones(n) / math.sqrt(n)  # deterministic start (the Gram matrix is nonnegative
+        # along ones for the bias column, never orthogonal to its top eigenvector by chance)
+        return float(eigsh(op, k=1, which="LA", tol=1e-3, v0=v0,
+                           return_eigenvectors=False)[0])
 
     def factor(self, column_block: int = 4000) -> PanelCholesky:
         """Right-looking blocked Cholesky in place; ``LinAlgError`` if not positive definite.
@@ -350,7 +376,8 @@ def _gram_panels(A, Y, n, K, *, reader, tile, gdt, checkpoint):
 def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
                        tile: int | None = None, gram_dtype: str = "float64",
                        ridge: float | None = None, precond_ridge: float | None = None,
-                       max_iter: int = 40, cg_tol: float = 3e-5,
+                       max_iter: int = 40, cg_tol: float | None = None,
+                       accept_tol: float = 1e-2,
                        checkpoint_every: int = 5) -> LstsqResult:
     """Memory-bounded normal equations: a panelled Gram matrix preconditions block CG.
 
@@ -366,9 +393,12 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
         started again reuses the panels and continues from the last CG state.
     Y : ndarray (N, K)
     rcond : float
-        The default ``ridge``.
+        Relative singular-value cutoff, applied softly: the target ridge is
+        ``lam = max(alpha, (rcond sigma_max)^2)`` (a ridge ``lam`` damps the directions with
+        ``sigma < sqrt(lam)`` and keeps the others), ``sigma_max^2`` from a Lanczos estimate
+        on the Gram panels.
     alpha : float
-        Tikhonov damping; the target ridge is ``max(alpha, ridge * trace(A^T A) / n)``.
+        Tikhonov damping.
     tile : int, optional
         Rows per panel (at most 8000; default ``swimdist.gram-tile``, which an embedded
         cluster's memory plan sets from the budget, else :data:`TILE`).
@@ -376,17 +406,25 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
         Precision of the panel products. float32 runs at twice the GEMM rate; CG recovers
         float64 accuracy.
     ridge : float, optional
-        Target ridge relative to ``trace(A^T A) / n`` (default ``rcond``).
+        Target ridge relative to ``trace(A^T A) / n``, in place of the one from ``rcond``.
     precond_ridge : float, optional
         Ridge of the factored preconditioner, relative to ``trace / n`` (default 1e-4 for
-        float32 panels, ``max(ridge, 1e-12)`` for float64 ones). Raised tenfold (up to
+        float32 panels, ``max(lam n / trace, 1e-12)`` for float64 ones). Raised tenfold (up to
         three times) when the factorization finds the matrix not positive definite.
     max_iter : int
         Most CG steps (one pass over ``A`` each); reaching it warns with a
         ``ConvergenceWarning``. ``max_iter = 0`` returns the preconditioner's solution.
-    cg_tol : float
-        CG stops when every column ``k`` has ``||A^T y_k - (A^T A + lam I) x_k|| <= cg_tol *
-        ||A^T y_k||`` (the relative residual of the normal equations).
+    cg_tol : float, optional
+        A fixed stop in place of the certificate: CG stops when every column ``k`` has
+        ``||A^T y_k - (A^T A + lam I) x_k|| <= cg_tol * ||A^T y_k||``.
+    accept_tol : float
+        The default stop, an error estimate: every PCG step ``j`` lowers the objective
+        ``f(x) = ||y - A x||^2 + lam ||x||^2`` by exactly ``alpha_j r_j^T z_j``, so what is
+        left, ``f(x_k) - f_min``, is the sum of the steps still to come (Hestenes and
+        Stiefel; Strakos and Tichy 2002). It is estimated from the last steps' geometric
+        decay, and CG stops when it is at most ``accept_tol^2 f(x_k)`` for every column (the
+        residual within about ``1 + accept_tol^2 / 2`` of the ridge problem's optimum, as
+        ``normal``'s certificate) or below the rounding of the products.
     checkpoint_every : int
         CG steps between saved states.
     """
@@ -406,7 +444,8 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
     if gram_dtype not in ("float64", "float32"):
         raise ValidationError(f"gram_dtype must be float64 or float32; got {gram_dtype!r}.")
     gdt = np.dtype(gram_dtype)
-    cg_tol = check_nonnegative(cg_tol, "cg_tol")
+    cg_tol = None if cg_tol is None else check_nonnegative(cg_tol, "cg_tol")
+    accept_tol = check_nonnegative(accept_tol, "accept_tol")
     if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 0:
         raise ValidationError(f"max_iter must be an integer >= 0; got {max_iter!r}.")
     checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
@@ -435,11 +474,13 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
         raise AssertionError("tiles do not cover A's columns")
     chol = PanelCholesky(panels, a_tiles)
     scale = chol.trace() / n if n else 1.0
+    lam_max = chol.largest_eigenvalue() if n else 0.0
     if ridge is None:
-        ridge = rcond
-    lam = max(float(alpha), float(ridge) * scale)
+        lam = max(float(alpha), (float(rcond) ** 2) * lam_max)
+    else:
+        lam = max(float(alpha), float(ridge) * scale)
     if precond_ridge is None:
-        precond_ridge = 1e-4 if gdt == np.float32 else max(float(ridge), 1e-12)
+        precond_ridge = 1e-4 if gdt == np.float32 else max(lam / max(scale, 1e-300), 1e-12)
     lam_p = max(lam, float(precond_ridge) * scale)
     # Factored in place (no copy: memory first). On failure the panels are read again from
     # the checkpoint (or computed again without one) and the ridge raised.
@@ -493,10 +534,17 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
     state = checkpoint.load("pcg") if checkpoint is not None else None
     history: list[float] = []
     resumed = 0
+    ynorm2 = np.einsum("ij,ij->j", Y, Y)
     if state is not None:
         x, r, p, rz, bnorm, it = (state["x"], state["r"], state["p"], state["rz"],
                                   state["bnorm"], int(state["it"]))
         history = list(state["history"])
+        terms = list(state["terms"]) if "terms" in state else []
+        if "fval" in state:
+            fval = state["fval"]
+        else:  # a checkpoint of an older release: the objective from one pass
+            flat = run_pass(_residual_pass, True, (np.ascontiguousarray(x), pbias), n * K + K)
+            fval = flat[n * K:] + lam * np.einsum("ij,ij->j", x, x)
         resumed = it
         logger.info("normal-tiled: CG resumed at step %d", it)
     else:
@@ -504,17 +552,45 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
         # r = A^T (Y - A x) - lam x in float64: the first pass also gives the true A^T Y
         flat = run_pass(_residual_pass, True, (np.ascontiguousarray(x), pbias), n * K + K)
         r = flat[:n * K].reshape(n, K) - lam * x
+        # the objective ||Y - A x||^2 + lam ||x||^2 per column, lowered by every step
+        fval = flat[n * K:] + lam * np.einsum("ij,ij->j", x, x)
+        terms = []
         bnorm = np.linalg.norm(AtY, axis=0)
         z = chol.solve(r)
         p, rz, it = z, np.einsum("ij,ij->j", r, z), 0
         history.append(float(np.max(np.linalg.norm(r, axis=0) / np.maximum(bnorm, 1e-300))))
-    converged = history[-1] <= cg_tol if history else False
+    # rounding floor of the products (accept_gain's): a smaller step is noise
+    sig = math.sqrt(max(lam_max, 0.0))
+
+    def floor2() -> np.ndarray:
+        xn = np.linalg.norm(x, axis=0)
+        return (64 * math.sqrt(n) * _EPS * (sig * xn + np.sqrt(ynorm2))) ** 2
+
+    def left() -> np.ndarray:
+        """Estimate of f(x_k) - f_min per column from the last steps' decrease terms."""
+        if len(terms) < 3:
+            return np.full(K, np.inf)  # no decay rate known yet
+        t = np.maximum(np.asarray(terms[-4:]), 1e-300)
+        # the slowest recent decay (pessimistic: PCG's first steps are often the fastest)
+        ratio = np.clip(np.max(t[1:] / t[:-1], axis=0), 0.0, 0.99)
+        return t[-1] * ratio / (1 - ratio)
+
+    def done() -> bool:
+        if cg_tol is not None:
+            return bool(history and history[-1] <= cg_tol)
+        est = left()
+        return bool(np.all((est <= accept_tol**2 * np.maximum(fval, 0.0)) | (est <= floor2())))
+
+    converged = done() if (cg_tol is not None or terms) else False
     while not converged and it < max_iter:
         q = ne(p)
         pq = np.einsum("ij,ij->j", p, q)
         step = np.where(pq > 0, rz / np.where(pq > 0, pq, 1.0), 0.0)
         x = x + step * p
         r = r - step * q
+        gain = step * rz  # f(x_j) - f(x_{j+1})
+        fval = fval - gain
+        terms.append(gain)
         z = chol.solve(r)
         rz_new = np.einsum("ij,ij->j", r, z)
         p = z + np.where(rz > 0, rz_new / np.where(rz > 0, rz, 1.0), 0.0) * p
@@ -522,17 +598,22 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
         it += 1
         rel = np.linalg.norm(r, axis=0) / np.maximum(bnorm, 1e-300)
         history.append(float(rel.max()))
-        converged = bool(np.all(rel <= cg_tol))
-        logger.info("normal-tiled: CG step %d, relative residual %.3e", it, rel.max())
+        converged = done()
+        logger.info("normal-tiled: CG step %d, relative residual %.3e, objective left "
+                    "%.1e of %.1e", it, rel.max(), float(np.max(left())),
+                    float(np.max(fval)))
         if checkpoint is not None and it % checkpoint_every == 0:
             checkpoint.save("pcg", x=x, r=r, p=p, rz=rz, bnorm=bnorm, it=np.array(it),
-                            history=np.array(history))
+                            history=np.array(history), fval=fval,
+                            terms=np.array(terms).reshape(-1, K))
     if not converged and max_iter > 0:
         import warnings
 
-        warnings.warn(f"normal-tiled: CG stopped after {it} steps at relative residual "
-                      f"{history[-1]:.2e} (cg_tol {cg_tol:g}).", ConvergenceWarning,
-                      stacklevel=3)
+        what = (f"relative residual {history[-1]:.2e} (cg_tol {cg_tol:g})" if cg_tol is not None
+                else f"an estimated objective gap of {float(np.max(left())):.1e} "
+                     f"(accept_tol {accept_tol:g})")
+        warnings.warn(f"normal-tiled: CG stopped after {it} steps at {what}.",
+                      ConvergenceWarning, stacklevel=3)
     # the least-squares residual, one more pass
     flat = run_pass(_residual_pass, True, (np.ascontiguousarray(x), pbias), n * K + K)
     rsq = flat[n * K:]
@@ -544,7 +625,8 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
         timings={"gram": t1 - t0, "factor": t2 - t1, "cg": t3 - t2},
         info={"ridge": lam, "precond_ridge": lam_p, "tiles": len(tiles),
               "panels": len(tiles), "panels_reused": reused, "gram_dtype": gdt.name,
-              "cg_converged": converged, "cg_resumed_at": resumed},
+              "cg_converged": converged, "cg_resumed_at": resumed, "sigma_max": sig,
+              "stop": "cg_tol" if cg_tol is not None else "accept_tol"},
     )
     res.converged = converged or max_iter == 0
     res.residual_norm = np.sqrt(np.maximum(rsq, 0.0))

@@ -1,0 +1,220 @@
+"""Cost models of the solvers ``auto`` chooses among: flop and byte counts times rates measured
+on this machine.
+
+Every solver's time is modelled from the operations it performs, each with its own rate:
+
+``gelsd(N, n)``
+    numpy's dense solver: Householder QR (``2 N n^2 - 2/3 n^3`` flops) and a divide-and-conquer
+    SVD of the ``n x n`` factor (``c n^3``). Modelled as ``a(n) N n^2 + b(n) n^3`` with ``a`` and
+    ``b`` fitted from two measured shapes (``2n x n`` and ``8n x n``) at two widths and
+    interpolated in ``log n``.
+``syrk(N, n)``
+    A Gram pass ``A^T A`` over the row blocks (upper tiles): ``N n^2`` flops at the measured
+    rate of ``a.T @ a``.
+``gemm(N, n, k)``
+    A thin pass ``A W`` with ``W`` of ``k`` columns and its ``W``-side products
+    (``2 N n k + N k^2``).
+``eigh(n)``, ``svd(n)``
+    ``t n^3`` with ``t`` measured.
+
+A pass over a dask array adds the per-task overhead (about a millisecond a task on
+distributed's scheduler) and, for gelsd on a cluster, the gather of ``A`` to the client
+(bytes over the scheduler's measured bandwidth).
+
+Rates are measured once per machine (about three seconds on two cores: gelsd, eigh, SVD, a sparse
+sketch and matrix products at ``n = 256`` and ``1024``, with BLAS on every core) and cached
+in ``$XDG_CACHE_HOME/swimdist/rates.json`` (default ``~/.cache``), keyed by the host, the CPU,
+its cores and the numpy version; below the sizes
+measured the rate of the smallest applies, above them the largest's (BLAS rates flatten out
+past a few hundred columns). ``SWIMDIST_RATES`` may name another JSON file of the same form.
+
+What the models leave out is a constant factor of a few percent per operation (memory traffic
+that is not a matrix product, Python overhead); the choices they drive are between costs that
+differ by more, and where they do not the safer solver (the reference) is preferred.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger("swimdist.lstsq")
+
+#: Widths at which the rates are measured.
+CALIBRATION_WIDTHS = (256, 1024)
+#: Seconds of overhead per dask task on distributed's scheduler (its documentation: "about
+#: 1 ms per task"); the threaded scheduler's is lower, this bounds it.
+TASK_OVERHEAD = 1e-3
+
+__all__ = ["CALIBRATION_WIDTHS", "Rates", "machine_rates", "rates_known"]
+
+
+def _interp(table: dict[str, float], n: float) -> float:
+    """Value of a per-width table at width ``n``: linear in ``log n`` between the widths
+    measured, the nearest one's outside them."""
+    pts = sorted((float(k), v) for k, v in table.items())
+    if n <= pts[0][0]:
+        return pts[0][1]
+    if n >= pts[-1][0]:
+        return pts[-1][1]
+    for (n0, v0), (n1, v1) in zip(pts, pts[1:], strict=False):
+        if n0 <= n <= n1:
+            w = (math.log(n) - math.log(n0)) / (math.log(n1) - math.log(n0))
+            return v0 + w * (v1 - v0)
+    return pts[-1][1]  # pragma: no cover
+
+
+@dataclass
+class Rates:
+    """Measured rates (seconds per unit of work) of the operations the cost models count.
+
+    Each table maps a width (as a string, for JSON) to its coefficient:
+    ``gelsd_a`` (s per ``N n^2``), ``gelsd_b`` (s per ``n^3``), ``syrk`` (s per ``N n^2``),
+    ``gemm`` and ``gemm32`` (s per flop, float64 / float32 products), ``eigh`` and ``svd``
+    (s per ``n^3``), ``sketch`` (s per ``N n`` of the sparse-sign sketch, ``2n`` rows).
+    """
+
+    gelsd_a: dict[str, float] = field(default_factory=dict)
+    gelsd_b: dict[str, float] = field(default_factory=dict)
+    syrk: dict[str, float] = field(default_factory=dict)
+    gemm: dict[str, float] = field(default_factory=dict)
+    gemm32: dict[str, float] = field(default_factory=dict)
+    eigh: dict[str, float] = field(default_factory=dict)
+    svd: dict[str, float] = field(default_factory=dict)
+    sketch: dict[str, float] = field(default_factory=dict)
+    key: str = ""
+
+    # ------------------------------------------------------------------ operations
+    def gelsd(self, N: int, n: int) -> float:
+        """Seconds of numpy's gelsd on an ``N x n`` matrix (``N >= n``)."""
+        N = max(N, n)
+        return max(_interp(self.gelsd_a, n), 0.0) * N * n * n + max(
+            _interp(self.gelsd_b, n), 0.0) * n**3
+
+    def gram(self, N: int, n: int, dtype="float64") -> float:
+        """Seconds of a Gram pass ``A^T A`` (``N n^2`` flops in the upper tiles)."""
+        t = _interp(self.syrk, n)
+        if np.dtype(dtype) == np.float32:
+            t *= _interp(self.gemm32, n) / _interp(self.gemm, n)
+        return t * N * n * n
+
+    def product(self, N: int, n: int, k: int, dtype="float64") -> float:
+        """Seconds of a thin pass ``A W`` (``W``: ``n x k``) and ``W``-side products
+        (``2 N n k + N k^2`` flops)."""
+        rate = _interp(self.gemm32 if np.dtype(dtype) == np.float32 else self.gemm, max(k, 1))
+        return rate * (2.0 * N * n * k + N * k * k)
+
+    def sparse_sketch(self, N: int, n: int) -> float:
+        """Seconds of the sparse-sign sketch ``S A`` (``2n`` rows, 8 nonzeros a column)."""
+        return _interp(self.sketch, n) * N * n
+
+    def eig(self, n: int) -> float:
+        return _interp(self.eigh, n) * n**3
+
+    def svd_n(self, n: int) -> float:
+        return _interp(self.svd, n) * n**3
+
+
+# --------------------------------------------------------------------------- measurement
+def _best(repeat: int, fn, *args, **kw) -> float:
+    """Fastest of ``repeat`` timed calls ``fn(*args, **kw)``."""
+    best = math.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn(*args, **kw)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_rates(widths=CALIBRATION_WIDTHS) -> Rates:
+    """Time the operations of the cost models on this machine (a few seconds)."""
+    from .sketch import sketch_block
+
+    rng = np.random.default_rng(0)
+    r = Rates()
+    for n in widths:
+        key = str(n)
+        a2 = rng.standard_normal((2 * n, n))
+        a8 = rng.standard_normal((8 * n, n))
+        t2 = _best(1, np.linalg.lstsq, a2, a2[:, :1], rcond=None)
+        t8 = _best(1, np.linalg.lstsq, a8, a8[:, :1], rcond=None)
+        # t = a N n^2 + b n^3 at N = 2n and 8n
+        a = max((t8 - t2) / (6.0 * n**3), 1e-15)
+        b = max((t2 - 2.0 * a * n**3) / n**3, 0.0)
+        r.gelsd_a[key], r.gelsd_b[key] = a, b
+        r.syrk[key] = _best(2, np.matmul, a8.T, a8) / (8.0 * n**3)
+        w = rng.standard_normal((n, n))
+        r.gemm[key] = _best(2, np.matmul, a8, w) / (2.0 * 8 * n**3)
+        r.gemm32[key] = _best(2, np.matmul, a8.astype(np.float32),
+                              w.astype(np.float32)) / (2.0 * 8 * n**3)
+        r.eigh[key] = _best(1, np.linalg.eigh, a2[:n] @ a2[:n].T) / n**3
+        r.svd[key] = _best(1, np.linalg.svd, a2[:n], full_matrices=False) / n**3
+        r.sketch[key] = _best(1, sketch_block, a8, 0, s=2 * n, kind="sparse-sign") / (8.0 * n * n)
+    return r
+
+
+def _machine_key() -> str:
+    """CPU, cores and numpy (its BLAS): what the rates depend on."""
+    return (f"{platform.node()}|{platform.processor() or platform.machine()}|"
+            f"{os.cpu_count()}cpu|numpy{np.__version__}")
+
+
+def _cache_path() -> Path:
+    if os.environ.get("SWIMDIST_RATES"):
+        return Path(os.environ["SWIMDIST_RATES"])
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "swimdist" / "rates.json"
+
+
+_RATES: Rates | None = None
+
+
+def _cached() -> Rates | None:
+    global _RATES
+    key = _machine_key()
+    if _RATES is not None and _RATES.key == key:
+        return _RATES
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        data = json.loads(_cache_path().read_text())
+        if data.get("key") == key:
+            _RATES = Rates(**data)
+            return _RATES
+    return None
+
+
+def rates_known() -> bool:
+    """This machine's rates are measured already (in this process or in the cache file)."""
+    return _cached() is not None
+
+
+def machine_rates() -> Rates:
+    """This machine's rates: from memory, the cache file, or measured now (then cached)."""
+    global _RATES
+    cached = _cached()
+    if cached is not None:
+        return cached
+    key, path = _machine_key(), _cache_path()
+    t0 = time.perf_counter()
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=os.cpu_count() or 1, user_api="blas"):
+        rates = measure_rates()  # at every core, whatever limit the caller runs under
+    rates.key = key
+    logger.info("auto: measured this machine's BLAS and LAPACK rates in %.1f s (cached in %s)",
+                time.perf_counter() - t0, path)
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(rates), indent=1))
+        os.replace(tmp, path)
+    _RATES = rates
+    return rates
