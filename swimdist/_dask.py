@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from contextvars import ContextVar
 
 import dask
@@ -29,6 +28,7 @@ __all__ = [
     "lost_client_data",
     "remote_client",
     "single_thread_lapack",
+    "tree_sum",
     "wait_for",
     "worker_memory",
 ]
@@ -148,18 +148,68 @@ def _client_running() -> bool:
     return client is not None and client.status == "running"
 
 
-def compute(x, label: str = ""):
-    """Compute a dask collection; with ``swimdist.progress`` set and a distributed client,
-    show distributed's progress bar on a terminal while it runs."""
-    client = current_client() if config.get("progress", False) else None
-    if client is None:
-        return x.compute()
-    fut = client.compute(x)
-    if sys.stderr.isatty():
-        from distributed import progress
+def compute(x, label: str = "", *, unit: str = "blocks", persist: bool = False):
+    """Compute a dask collection (with ``persist``: persist it), reporting its progress as
+    the stage ``label`` (:mod:`swimdist.progress`) when anything listens: its output blocks
+    counted as they complete (their futures on a distributed client, a dask callback on
+    the threaded scheduler)."""
+    from dask.core import flatten
 
-        progress(fut)
-    return fut.result()
+    from . import progress
+
+    if not label or not progress.active():
+        return x.persist() if persist else x.compute()
+    with progress.stage(label, total=sum(1 for _ in flatten(x.__dask_keys__())),
+                        unit=unit) as st:
+        return progress.track(x, st, persist=persist)
+
+
+def tree_sum(parts, split_every: int | None = None, label: str = "", *,
+             unit: str = "blocks"):
+    """``parts.sum(axis=0, split_every=split_every).compute()`` for a dask array of one
+    partial result per block along axis 0, reporting the blocks done as the stage
+    ``label`` when anything listens.
+
+    Under a distributed client the tree is submitted as futures, so that the leaves can be
+    counted as they complete: the same groups of ``split_every`` consecutive partials, each
+    summed as dask sums them (concatenate, then ``np.sum`` along axis 0), so the result is
+    bit for bit dask's; a leaf is released once counted (its parent holds it until summed).
+    """
+    import numpy as np
+    from dask.core import flatten
+
+    from . import progress
+
+    total = parts.sum(axis=0, split_every=split_every)
+    if not label or not progress.active():
+        return total.compute()
+    n = parts.numblocks[0]
+    with progress.stage(label, total=n, unit=unit) as st:
+        client = current_client()
+        if client is None:
+            return progress.track(total, st, count=flatten(parts.__dask_keys__()))
+        from distributed import as_completed
+
+        k = int(split_every or dask.config.get("split_every", None) or 16)
+        leaves = client.compute(list(parts.to_delayed().ravel()))
+        level = leaves
+        while len(level) > 1:
+            level = [client.submit(_sum_group, *level[i:i + k], pure=False)
+                     for i in range(0, len(level), k)]
+        final = level[0]
+        counting = as_completed(leaves)
+        del leaves, level
+        for _ in counting:
+            st.update(1)
+        out = np.asarray(final.result())
+    return out.reshape(out.shape[1:])
+
+
+def _sum_group(*parts):
+    """One node of :func:`tree_sum`: what dask's ``partial_reduce`` of ``sum`` does."""
+    import numpy as np
+
+    return np.sum(np.concatenate(parts, axis=0), axis=0, keepdims=True)
 
 
 # --------------------------------------------------------------------------- memory

@@ -77,7 +77,8 @@ def gram(A, Y, *, tile: int = TILE, split_every: int | None = 4):
         raise ValidationError(f"tile must be a positive number of columns; got {tile!r}.")
     n, K = A.shape[1], Y.shape[1]
     m = n + K
-    flat = reduce_blocks(gram_upper, A, (Y,), (tile,), length=m * m, split_every=split_every)
+    flat = reduce_blocks(gram_upper, A, (Y,), (tile,), length=m * m, split_every=split_every,
+                         label="gram")
     M = flat.reshape(m, m)
     return M[:n, :n], M[:n, n:], np.diagonal(M[n:, n:]).copy()
 

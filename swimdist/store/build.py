@@ -228,7 +228,7 @@ def build_feature_store(X: da.Array, layers: list[Layer], url: str, *, fingerpri
     done = X.map_blocks(_write_block, params, cols, dtype, backend,
                         chunks=((1,) * n_blocks, (1,)), dtype=np.uint8,
                         meta=np.empty((0, 0), np.uint8))
-    written = int(compute(done.sum(), "features"))
+    written = int(compute(done, "features", unit="blocks").sum())
     meta["complete"] = True
     backend.set_meta(meta)
     return backend.array(rows), {"blocks": n_blocks, "written": written,
