@@ -16,12 +16,11 @@ import logging
 import time
 import warnings
 
-import dask
 import dask.array as da
 import numpy as np
 
 from . import config, progress
-from ._dask import lost_client_data
+from ._dask import broadcast, lost_client_data
 from .activations import get_activation
 from .design import build_design
 from .exceptions import DataConversionWarning, NotFittedError, ValidationError
@@ -291,7 +290,9 @@ class _SWIMBase:
         if isinstance(X, da.Array):
             if len(X.chunks[1]) != 1:
                 X = X.rechunk({1: -1})
-            params = dask.delayed((self.layers_, coef, intercept), pure=True)
+            # sent to the workers once, not embedded in the graph (wide layers are tens of
+            # MB: distributed warns about such graphs)
+            params = broadcast((self.layers_, coef, intercept))
 
             def block(x, prm):
                 return _forward_numpy(x, *prm)
