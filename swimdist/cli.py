@@ -316,12 +316,11 @@ def _print_status(output: str) -> None:
             shown["done"] += " (finished)"
         elif st["state"] == "running" and ev.get("eta") is not None:
             shown["eta"] = _eta_now(ev["eta"], st.get("updated"))
-    if isinstance(ev, dict) and ev.get("residual") is not None:
-        target = ev.get("target")
-        shown["residual"] = f"{ev['residual']:.3e}" + (
-            f" (target {target:.1e})" if target is not None else "")
-    elif st.get("residual") is not None:
-        shown["residual"] = f"{st['residual']:.3e}"
+    res = st.get("residual")
+    if isinstance(res, dict) and res.get("value") is not None:
+        target = res.get("target")
+        shown["residual"] = f"{res['value']:.3e} ({res.get('stage')}" + (
+            f", target {target:.1e})" if target is not None else ")")
     if st.get("metrics", {}).get("test"):
         shown["test"] = st["metrics"]["test"]
     click.echo(yaml.safe_dump(shown, sort_keys=False).strip())

@@ -287,7 +287,8 @@ class StatusRecord:
     It is a sink of :mod:`swimdist.progress`: ``stage`` holds the latest event of the
     running stage (name, done/total, unit, rate, eta, residual, target; written at most
     once a second, and by every heartbeat), ``residual`` the last residual any iteration
-    reported, and ``stages`` the stages finished so far with their durations.
+    reported (value, target, stage), and ``stages`` the stages finished so far with their
+    durations.
     """
 
     PHASES = ("starting", "connecting", "loading", "fitting", "evaluating", "saving", "done")
@@ -339,7 +340,8 @@ class StatusRecord:
         with self._lock:
             self.data["stage"] = ev
             if ev["residual"] is not None:
-                self.data["residual"] = ev["residual"]
+                self.data["residual"] = {"value": ev["residual"], "target": ev["target"],
+                                         "stage": ev["stage"]}
             if ev["finished"]:
                 done = self.data.setdefault("stages", [])
                 done.append({"name": ev["stage"], "seconds": ev["elapsed"], "done": ev["done"],

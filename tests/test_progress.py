@@ -201,7 +201,7 @@ def test_a_callback_sees_the_same_events_as_the_job(tmp_path):
     data = json.loads((tmp_path / "status.json").read_text())
     assert [e.done for e in seen] == [0, 1, 2, 2] and seen[-1].finished
     assert data["stage"]["stage"] == "split blocks" and data["stage"]["finished"]
-    assert data["residual"] == 0.25
+    assert data["residual"] == {"value": 0.25, "target": None, "stage": "split blocks"}
     assert data["stages"] == [{"name": "split blocks", "seconds": data["stages"][0]["seconds"],
                                "done": 2, "total": 2, "residual": 0.25}]
 
