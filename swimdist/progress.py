@@ -170,9 +170,11 @@ class Stage:
     """
 
     def __init__(self, name: str, total: int | None, unit: str, target: float | None,
-                 reporter: _Reporter, nested: bool = False):
+                 reporter: _Reporter, nested: bool = False, work: float | None = None):
         self.name, self.total, self.unit, self.target = name, total, unit, target
         self.done = 0
+        #: with unequal units: the work of all units, and of those done (the ETA's basis)
+        self.work, self.work_done = work, 0.0
         self.residual: float | None = None
         self.start = time.monotonic()
         self._rep = reporter
@@ -202,16 +204,20 @@ class Stage:
         elapsed = time.monotonic() - self.start
         rate = self.done / elapsed if elapsed > 0 and self.done else None
         eta = None
-        if self.total is not None and rate:
+        if self.work and self.work_done > 0:
+            eta = max(0.0, elapsed * (self.work - self.work_done) / self.work_done)
+        elif self.total is not None and rate:
             eta = max(0.0, (self.total - self.done) / rate)
         return Event(self.name, self.done, self.total, self.unit, elapsed, rate,
                      0.0 if finished and self.total is not None else eta, self.residual,
                      self.target, finished)
 
     def update(self, n: int = 1, *, residual: float | None = None, done: int | None = None,
-               total: int | None = None) -> None:
-        """``n`` more units done (or ``done`` in all); the latest ``residual``; a ``total``
-        that became known."""
+               total: int | None = None, work: float | None = None) -> None:
+        """``n`` more units done (or ``done`` in all), of ``work`` (stages with a ``work``
+        total); the latest ``residual``; a ``total`` that became known."""
+        if work is not None:
+            self.work_done += work
         if self._rep.silent:
             self.done = self.done + n if done is None else done
             return
@@ -269,17 +275,19 @@ class Stage:
 
 @contextlib.contextmanager
 def stage(name: str, total: int | None = None, *, unit: str = "",
-          target: float | None = None) -> Iterator[Stage]:
+          target: float | None = None, work: float | None = None) -> Iterator[Stage]:
     """Run a stage named ``name`` of ``total`` units (None: unknown) inside the block.
 
     ``unit`` names what is counted ("blocks", "panels", "it"); ``target``: the residual an
-    iteration stops at. The stage's last event (``finished``) comes when the block exits,
-    also on an error.
+    iteration stops at; ``work``: the total work when units differ in size (Gram panels),
+    each :meth:`Stage.update` then saying how much it did: the ETA is then the time for
+    the work left at the work rate so far. The stage's last event (``finished``) comes when
+    the block exits, also on an error.
     """
     rep = _REPORTER.get()
     if rep is _QUIET and config.get("progress"):
         rep = _Reporter(display=True)
-    st = Stage(name, total, unit, target, rep, nested=bool(rep.open))
+    st = Stage(name, total, unit, target, rep, nested=bool(rep.open), work=work)
     if not rep.silent:
         with rep.lock:
             rep.open.append(st)

@@ -144,7 +144,7 @@ class PanelCholesky:
         T, P = self.tiles, self.panels
         # work of step k: the trailing panels it updates, about (T - k)^2 / 2 tile products
         work = [(len(T) - k) * (len(T) - k + 1) // 2 for k in range(len(T))]
-        with progress.stage("factorization", total=sum(work), unit="tiles") as st:
+        with progress.stage("factorization", total=len(T), unit="tiles", work=sum(work)) as st:
             for k, (k0, k1) in enumerate(T):
                 with single_thread_lapack():
                     Rkk, info = sla.lapack.dpotrf(P[k][:, :k1 - k0], lower=0, clean=1,
@@ -154,7 +154,7 @@ class PanelCholesky:
                         f"matrix is not positive definite (tile at {k0}, pivot {info})")
                 P[k][:, :k1 - k0] = Rkk
                 if k1 == self.n:
-                    st.update(work[k])
+                    st.update(1, work=work[k])
                     break
                 for c0 in range(k1, self.n, column_block):  # R_k,later = R_kk^{-T} G_k,later
                     c1 = min(self.n, c0 + column_block)
@@ -167,7 +167,7 @@ class PanelCholesky:
                     for c0 in range(j0, self.n, column_block):  # G_j,l -= R_kj^T R_kl, l >= j
                         c1 = min(self.n, c0 + column_block)
                         P[j][:, c0 - j0:c1 - j0] -= Rkj.T @ Rk[:, c0 - k0:c1 - k0]
-                st.update(work[k])
+                st.update(1, work=work[k])
         return self
 
     def solve(self, B: np.ndarray) -> np.ndarray:
@@ -312,6 +312,8 @@ def _gram_panels(A, Y, n, K, *, reader, tile, gdt, checkpoint):
             logger.info("normal-tiled: %d of %d Gram panels reused from the checkpoint", done,
                         len(tiles))
     todo = [i for i in range(len(tiles)) if panels[i] is None]
+    # a panel's products: its rows x the columns from its first one on (progress weights)
+    work = [(b - a) * (width - a) for a, b in tiles]
     client = current_client()
     N = A.shape[0]
     if source is None:
@@ -337,7 +339,8 @@ def _gram_panels(A, Y, n, K, *, reader, tile, gdt, checkpoint):
             out = None if checkpoint is None else (checkpoint.path, f"panel-{i}")
             futs[client.submit(_panel_task, source, Yf, n_feat, bias, N, rows, tiles[i], width,
                                gdt, out, pure=False, priority=len(tiles) - i)] = i
-        with progress.stage("gram panels", total=len(todo), unit="panels") as st:
+        with progress.stage("gram panels", total=len(todo), unit="panels",
+                            work=sum(work[i] for i in todo)) as st:
             for fut in as_completed(list(futs)):
                 i = futs[fut]
                 got = fut.result()
@@ -346,16 +349,17 @@ def _gram_panels(A, Y, n, K, *, reader, tile, gdt, checkpoint):
                     got = checkpoint.load_npy(f"panel-{i}")
                 panels[i] = np.asarray(got, dtype=np.float64)
                 del got
-                st.update(1)
+                st.update(1, work=work[i])
     else:
-        with progress.stage("gram panels", total=len(todo), unit="panels") as st:
+        with progress.stage("gram panels", total=len(todo), unit="panels",
+                            work=sum(work[i] for i in todo)) as st:
             for i in todo:
                 acc = _panel_task(source, Y, n_feat, bias, N, rows, tiles[i], width, gdt)
                 if checkpoint is not None:
                     checkpoint.save_npy(f"panel-{i}", acc)
                 panels[i] = np.asarray(acc, dtype=np.float64)
                 del acc
-                st.update(1)
+                st.update(1, work=work[i])
     return panels, tiles, done
 
 
