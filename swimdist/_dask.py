@@ -167,15 +167,16 @@ def compute(x, label: str = "", *, unit: str = "blocks", persist: bool = False):
 def tree_sum(parts, split_every: int | None = None, label: str = "", *,
              unit: str = "blocks"):
     """``parts.sum(axis=0, split_every=split_every).compute()`` for a dask array of one
-    partial result per block along axis 0, reporting the blocks done as the stage
+    partial result per block along axis 0, reporting the partials done as the stage
     ``label`` when anything listens.
 
-    Under a distributed client the tree is submitted as futures, so that the leaves can be
-    counted as they complete: the same groups of ``split_every`` consecutive partials, each
-    summed as dask sums them (concatenate, then ``np.sum`` along axis 0), so the result is
-    bit for bit dask's; a leaf is released once counted (its parent holds it until summed).
+    The sum is dask's own tree reduction in both cases. Under a distributed client the
+    partials are also asked for as outputs of the same graph, so that their futures can be
+    counted as they complete; each is released once counted (its parent in the tree holds
+    it until summed), so none stays in memory longer than in the plain reduction. The graph
+    is left unoptimized there (and on the threaded scheduler, where a callback counts
+    them), since blockwise fusion would rename the partials.
     """
-    import numpy as np
     from dask.core import flatten
 
     from . import progress
@@ -183,33 +184,19 @@ def tree_sum(parts, split_every: int | None = None, label: str = "", *,
     total = parts.sum(axis=0, split_every=split_every)
     if not label or not progress.active():
         return total.compute()
-    n = parts.numblocks[0]
-    with progress.stage(label, total=n, unit=unit) as st:
+    with progress.stage(label, total=parts.numblocks[0], unit=unit) as st:
         client = current_client()
         if client is None:
             return progress.track(total, st, count=flatten(parts.__dask_keys__()))
         from distributed import as_completed
 
-        k = int(split_every or dask.config.get("split_every", None) or 16)
-        leaves = client.compute(list(parts.to_delayed().ravel()))
-        level = leaves
-        while len(level) > 1:
-            level = [client.submit(_sum_group, *level[i:i + k], pure=False)
-                     for i in range(0, len(level), k)]
-        final = level[0]
-        counting = as_completed(leaves)
-        del leaves, level
+        futures = client.compute([total, *parts.to_delayed(optimize_graph=False).ravel()],
+                                 optimize_graph=False)
+        result, counting = futures[0], as_completed(futures[1:])
+        del futures
         for _ in counting:
             st.update(1)
-        out = np.asarray(final.result())
-    return out.reshape(out.shape[1:])
-
-
-def _sum_group(*parts):
-    """One node of :func:`tree_sum`: what dask's ``partial_reduce`` of ``sum`` does."""
-    import numpy as np
-
-    return np.sum(np.concatenate(parts, axis=0), axis=0, keepdims=True)
+        return result.result()
 
 
 # --------------------------------------------------------------------------- memory
