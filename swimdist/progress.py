@@ -263,12 +263,11 @@ class Stage:
                 self._last_log, self._logged = now, True
                 logger.info("%s", format_event(ev))
         if rep.status is not None:
+            # the record follows the innermost open stage; every stage's end is recorded
             with rep.lock:
-                inner = rep.open[-1] if rep.open else self
-                if ev.finished and inner is not self:
-                    pass  # an outer stage ended while an inner one is open: keep the inner
-                elif ev.finished or inner is self:
-                    rep.status.progress(ev)
+                innermost = not rep.open or rep.open[-1] is self
+            if ev.finished or innermost:
+                rep.status.progress(ev)
         for cb in rep.callbacks:
             cb(ev)
 

@@ -237,3 +237,21 @@ def test_train_on_mnist_prints_no_library_noise(tmp_path, mnist_path):
     assert r.returncode == 0, r.stderr
     assert not NOISE.search(r.stderr), r.stderr
     assert "test: error_pct" in r.stdout
+
+
+def test_the_record_follows_the_innermost_stage_and_keeps_every_end(tmp_path):
+    from swimdist.service import StatusRecord
+
+    st = StatusRecord(str(tmp_path))
+    try:
+        with progress.report(status=st):
+            with progress.stage("split blocks", total=2, unit="blocks") as outer:
+                with progress.stage("lsqr", unit="it", target=1e-12) as inner:
+                    inner.update(1, residual=1e-3)
+                    outer.update(0)  # an outer update while the inner one runs: not shown
+                    assert st.data["stage"]["stage"] == "lsqr"
+                outer.update(1, residual=0.5)
+                assert st.data["stage"]["stage"] == "split blocks"
+    finally:
+        st.close()
+    assert [s["name"] for s in st.data["stages"]] == ["lsqr", "split blocks"]
