@@ -46,6 +46,7 @@ import time
 import numpy as np
 import scipy.linalg as sla
 
+from .. import progress
 from .._dask import single_thread_lapack
 from ..design import as_design, reduce_blocks
 from ..exceptions import ValidationError
@@ -293,7 +294,10 @@ def solve_normal(
     ynorm = math.sqrt(float(yty.sum())) or 1.0
     converged, resid = True, None
     if factor == "eigh":
-        lam, V = np.linalg.eigh(G, UPLO="U")
+        # one LAPACK call: the stage says what runs, not how far it is
+        with progress.stage("factorization", total=1, unit="steps") as st:
+            lam, V = np.linalg.eigh(G, UPLO="U")
+            st.update(1)
         del G
         lam_max = max(float(lam[-1]), 0.0)
         sig = np.sqrt(np.maximum(lam, 0.0))
