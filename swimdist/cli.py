@@ -60,6 +60,11 @@ def _fail(exc: BaseException) -> None:
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """swimdist: train SWIM sampled neural networks on Dask."""
+    if dask.config.get("distributed.admin.tick.limit", None) is None:
+        # The embedded scheduler shares this process with the fit's dense work on the
+        # client, which blocks its event loop for seconds by design; distributed would warn
+        # about each such pause. Read once, when distributed is first imported (below).
+        dask.config.set({"distributed.admin.tick.limit": "60s"})
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("swimdist").setLevel(logging.INFO if verbose == 0 else level)

@@ -310,7 +310,7 @@ class StatusRecord:
                                      "pid_started": _process_start(os.getpid()),
                                      "host": socket.gethostname()}
         self._lock = threading.Lock()
-        self._written = 0.0
+        self._written = self._event_time = 0.0
         self.write()
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, daemon=True,
@@ -320,7 +320,25 @@ class StatusRecord:
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.HEARTBEAT):
             with contextlib.suppress(Exception):  # best effort: the job goes on regardless
+                self._age_stage()
                 self.update()
+
+    def _age_stage(self) -> None:
+        """Bring the running stage's rate and ETA to now: with nothing done since its last
+        event, the same work has taken longer (``eta`` and ``elapsed`` grow in proportion,
+        whether the ETA comes from counts or from work)."""
+        with self._lock:
+            ev = self.data.get("stage")
+            if not ev or ev.get("finished") or not ev.get("elapsed"):
+                return
+            elapsed = ev["elapsed"] + time.monotonic() - self._event_time
+            grow = elapsed / ev["elapsed"]
+            self.data["stage"] = {**ev, "elapsed": round(elapsed, 3),
+                                  "rate": None if ev["rate"] is None
+                                  else round(ev["rate"] / grow, 3),
+                                  "eta": None if ev["eta"] is None
+                                  else round(ev["eta"] * grow, 3)}
+            self._event_time = time.monotonic()
 
     def update(self, **kw) -> None:
         with self._lock:
@@ -339,6 +357,7 @@ class StatusRecord:
         ev = event.as_dict()
         with self._lock:
             self.data["stage"] = ev
+            self._event_time = time.monotonic()
             if ev["residual"] is not None:
                 self.data["residual"] = {"value": ev["residual"], "target": ev["target"],
                                          "stage": ev["stage"]}

@@ -255,3 +255,26 @@ def test_the_record_follows_the_innermost_stage_and_keeps_every_end(tmp_path):
     finally:
         st.close()
     assert [s["name"] for s in st.data["stages"]] == ["lsqr", "split blocks"]
+
+
+def test_the_heartbeat_brings_a_stalled_stage_eta_to_now(tmp_path, monkeypatch):
+    import time
+
+    from swimdist.service import StatusRecord
+
+    monkeypatch.setattr(StatusRecord, "HEARTBEAT", 0.2)
+    st = StatusRecord(str(tmp_path))
+    try:
+        st.progress(Event("gram panels", 1, 4, "panels", 1.0, 1.0, 3.0))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            ev = json.loads((tmp_path / "status.json").read_text()).get("stage")
+            if ev and ev["elapsed"] > 1.3:
+                break
+    finally:
+        st.close()
+    # nothing done since: the same rate over a longer time, the ETA grown in proportion
+    assert ev["elapsed"] > 1.3 and ev["done"] == 1
+    assert ev["eta"] == pytest.approx(3.0 * ev["elapsed"], rel=0.01)
+    assert ev["rate"] == pytest.approx(1.0 / ev["elapsed"], rel=0.01)
