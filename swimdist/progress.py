@@ -20,9 +20,10 @@ A stage with a known ``total`` reports ``done / total``, its rate and ETA (remai
 the stage's mean rate). Iterations have no known total: they report their residual against
 the stopping ``target`` instead.
 
-Dask computes report through :func:`track` (used by :func:`swimdist._dask.compute`): the
-output blocks of a collection counted as their futures complete (distributed), or the
-graph's tasks counted by a dask callback (threaded scheduler).
+Dask computes report through :func:`track` (used by :func:`swimdist._dask.compute` and
+:func:`swimdist._dask.tree_sum`): the output blocks of a collection (or the partials of a
+reduction) counted as their futures complete on a distributed client, or by a dask
+callback's ``_posttask`` on the threaded scheduler.
 """
 
 from __future__ import annotations
@@ -156,10 +157,23 @@ def report(verbose: int = 0, callback: Callable[[Event], None] | None = None, *,
         rep.open = outer.open  # one stack of open stages per job
         rep.lock = outer.lock
     token = _REPORTER.set(rep)
+    # verbose asks to see progress: where logging would drop the lines (nothing configured,
+    # or a level above INFO), show them on stderr for the block, as scikit-learn's does
+    level, handler = logger.level, None
+    if verbose >= 1 and not outer.display and not sys.stderr.isatty():
+        if not logger.isEnabledFor(logging.INFO):
+            logger.setLevel(logging.INFO)
+        if not logger.hasHandlers():
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
     try:
         yield
     finally:
         _REPORTER.reset(token)
+        logger.setLevel(level)
+        if handler is not None:
+            logger.removeHandler(handler)
 
 
 class Stage:
@@ -195,11 +209,6 @@ class Stage:
                              leave=not nested, ncols=size.columns, nrows=size.lines,
                              file=sys.stderr, mininterval=0.5)
 
-    @property
-    def active(self) -> bool:
-        """Whether anything receives this stage's events."""
-        return not self._rep.silent
-
     def event(self, finished: bool = False) -> Event:
         elapsed = time.monotonic() - self.start
         rate = self.done / elapsed if elapsed > 0 and self.done else None
@@ -221,7 +230,7 @@ class Stage:
         if self._rep.silent:
             self.done = self.done + n if done is None else done
             return
-        if self._closed:  # a late report (the scheduler's feed) after the stage ended
+        if self._closed:  # a late update (a callback thread) after the stage ended
             return
         with self._lock:
             step = n if done is None else done - self.done
