@@ -19,6 +19,7 @@ __all__ = [
     "blas_for_local_threads",
     "broadcast",
     "compute",
+    "compute_all",
     "client_memory",
     "configured_budget",
     "current_client",
@@ -162,6 +163,27 @@ def compute(x, label: str = "", *, unit: str = "blocks", persist: bool = False):
     with progress.stage(label, total=sum(1 for _ in flatten(x.__dask_keys__())),
                         unit=unit) as st:
         return progress.track(x, st, persist=persist)
+
+
+def compute_all(tasks: list, label: str = "", *, unit: str = "blocks") -> list:
+    """``dask.compute(*tasks)`` as a list, reporting the tasks done as the stage ``label``
+    when anything listens (their futures on a distributed client, a dask callback on the
+    threaded scheduler)."""
+    from . import progress
+
+    if not label or not progress.active():
+        return list(dask.compute(*tasks))
+    with progress.stage(label, total=len(tasks), unit=unit) as st:
+        client = current_client()
+        if client is None:
+            with progress.counting([t.key for t in tasks], st):
+                return list(dask.compute(*tasks, optimize_graph=False))
+        from distributed import as_completed
+
+        futures = client.compute(list(tasks))
+        for _ in as_completed(futures):
+            st.update(1)
+        return client.gather(futures)
 
 
 def tree_sum(parts, split_every: int | None = None, label: str = "", *,

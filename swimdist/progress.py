@@ -40,8 +40,8 @@ from dataclasses import asdict, dataclass
 
 from . import config
 
-__all__ = ["Event", "Stage", "active", "format_event", "format_seconds", "report", "stage",
-           "track"]
+__all__ = ["Event", "Stage", "active", "counting", "format_event", "format_seconds", "report",
+           "stage", "track"]
 
 logger = logging.getLogger("swimdist.progress")
 
@@ -316,6 +316,21 @@ def active() -> bool:
 
 
 # --------------------------------------------------------------------------- dask computes
+def counting(keys, st: Stage):
+    """A dask callback (threaded scheduler; use it as a context manager) that counts the
+    tasks ``keys`` into ``st`` as they finish."""
+    from dask.callbacks import Callback
+
+    keys = set(keys)
+
+    class _Count(Callback):
+        def _posttask(self, key, result, dsk, state, worker_id):
+            if key in keys:
+                st.update(1)
+
+    return _Count()
+
+
 def track(x, st: Stage, *, persist: bool = False, count=None):
     """Compute (or with ``persist``, persist and wait for) the dask collection ``x``,
     counting its output blocks into ``st`` as they complete: their futures on a distributed
@@ -323,7 +338,6 @@ def track(x, st: Stage, *, persist: bool = False, count=None):
     scheduler. ``count``: other keys to count there instead (the leaves of a reduction,
     :func:`swimdist._dask.tree_sum`; the graph is then left unoptimized, since blockwise
     fusion renames the leaves). Returns the result (the persisted collection)."""
-    from dask.callbacks import Callback
     from dask.core import flatten
 
     from ._dask import current_client
@@ -331,13 +345,8 @@ def track(x, st: Stage, *, persist: bool = False, count=None):
     keys = set(flatten(x.__dask_keys__())) if count is None else set(count)
     client = current_client()
     if client is None:
-        class _Count(Callback):
-            def _posttask(self, key, result, dsk, state, worker_id):
-                if key in keys:
-                    st.update(1)
-
         kw = {} if count is None else {"optimize_graph": False}
-        with _Count():
+        with counting(keys, st):
             return x.persist(**kw) if persist else x.compute(**kw)
     from distributed import as_completed, futures_of
 

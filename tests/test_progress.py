@@ -94,6 +94,17 @@ def test_each_stage_reports(data, tmp_path, solver, options, store, expect):
         assert stages["features"][-1].total == 8 and stages["features"][-1].unit == "blocks"
 
 
+def test_resuming_from_a_store_reports_its_verification(data, tmp_path):
+    X, y = data
+    est = SWIMRegressor(hidden_layer_sizes=(30,), solver="direct", random_state=0,
+                        chunk_rows=250, store=str(tmp_path / "s"))
+    _fit(est, X, y)
+    stages = _stages(_fit(est, X, y))  # the same job again: the written blocks are checked
+    _check_stage(stages["verify store"], total=True)
+    assert stages["verify store"][-1].total == 8
+    assert est.fit_info_["blocks"]["verified"] == 8
+
+
 def test_sampling_counts_layers(data):
     X, y = data
     stages = _stages(_fit(SWIMRegressor(hidden_layer_sizes=(20, 30), solver="direct",
@@ -124,6 +135,10 @@ def test_distributed_blocks_are_counted_as_futures_complete(data, tmp_path,
     est = SWIMRegressor(hidden_layer_sizes=(60,), solver="lsrn", random_state=0,
                         chunk_rows=250, store=str(tmp_path / "s"),
                         progress_callback=events.append).fit(X, y)
+    again: list[Event] = []  # the same job again: its written blocks are verified
+    SWIMRegressor(hidden_layer_sizes=(60,), solver="lsrn", random_state=0, chunk_rows=250,
+                  store=str(tmp_path / "s"), progress_callback=again.append).fit(X, y)
+    _check_stage(_stages(again)["verify store"], total=True)
     stages = _stages(events)
     for name in ("features", "sketch"):
         _check_stage(stages[name], total=True)
