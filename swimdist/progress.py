@@ -351,6 +351,10 @@ def track(x, st: Stage, *, persist: bool = False, count=None):
     from distributed import as_completed, futures_of
 
     y = x.persist()
-    for _ in as_completed(futures_of(y)):
+    futures = futures_of(y)
+    for _ in as_completed(futures):
         st.update(1)
+    for fut in futures:
+        if fut.status != "finished":
+            fut.result()  # the block's own error (a lost scheduler says so here)
     return y if persist else y.compute()
