@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from contextvars import ContextVar
 
 import dask
@@ -20,6 +19,7 @@ __all__ = [
     "blas_for_local_threads",
     "broadcast",
     "compute",
+    "compute_all",
     "client_memory",
     "configured_budget",
     "current_client",
@@ -29,6 +29,7 @@ __all__ = [
     "lost_client_data",
     "remote_client",
     "single_thread_lapack",
+    "tree_sum",
     "wait_for",
     "worker_memory",
 ]
@@ -148,18 +149,76 @@ def _client_running() -> bool:
     return client is not None and client.status == "running"
 
 
-def compute(x, label: str = ""):
-    """Compute a dask collection; with ``swimdist.progress`` set and a distributed client,
-    show distributed's progress bar on a terminal while it runs."""
-    client = current_client() if config.get("progress", False) else None
-    if client is None:
-        return x.compute()
-    fut = client.compute(x)
-    if sys.stderr.isatty():
-        from distributed import progress
+def compute(x, label: str = "", *, unit: str = "blocks", persist: bool = False):
+    """Compute a dask collection (with ``persist``: persist it), reporting its progress as
+    the stage ``label`` (:mod:`swimdist.progress`) when anything listens: its output blocks
+    counted as they complete (their futures on a distributed client, a dask callback on
+    the threaded scheduler)."""
+    from dask.core import flatten
 
-        progress(fut)
-    return fut.result()
+    from . import progress
+
+    if not label or not progress.active():
+        return x.persist() if persist else x.compute()
+    with progress.stage(label, total=sum(1 for _ in flatten(x.__dask_keys__())),
+                        unit=unit) as st:
+        return progress.track(x, st, persist=persist)
+
+
+def compute_all(tasks: list, label: str = "", *, unit: str = "blocks") -> list:
+    """``dask.compute(*tasks)`` as a list, reporting the tasks done as the stage ``label``
+    when anything listens (their futures on a distributed client, a dask callback on the
+    threaded scheduler)."""
+    from . import progress
+
+    if not label or not progress.active():
+        return list(dask.compute(*tasks))
+    with progress.stage(label, total=len(tasks), unit=unit) as st:
+        client = current_client()
+        if client is None:
+            with progress.counting([t.key for t in tasks], st):
+                return list(dask.compute(*tasks, optimize_graph=False))
+        from distributed import as_completed
+
+        futures = client.compute(list(tasks))
+        for _ in as_completed(futures):
+            st.update(1)
+        return client.gather(futures)
+
+
+def tree_sum(parts, split_every: int | None = None, label: str = "", *,
+             unit: str = "blocks"):
+    """``parts.sum(axis=0, split_every=split_every).compute()`` for a dask array of one
+    partial result per block along axis 0, reporting the partials done as the stage
+    ``label`` when anything listens.
+
+    The sum is dask's own tree reduction in both cases. Under a distributed client the
+    partials are also asked for as outputs of the same graph, so that their futures can be
+    counted as they complete; each is released once counted (its parent in the tree holds
+    it until summed), so none stays in memory longer than in the plain reduction. The graph
+    is left unoptimized there (and on the threaded scheduler, where a callback counts
+    them), since blockwise fusion would rename the partials.
+    """
+    from dask.core import flatten
+
+    from . import progress
+
+    total = parts.sum(axis=0, split_every=split_every)
+    if not label or not progress.active():
+        return total.compute()
+    with progress.stage(label, total=parts.numblocks[0], unit=unit) as st:
+        client = current_client()
+        if client is None:
+            return progress.track(total, st, count=flatten(parts.__dask_keys__()))
+        from distributed import as_completed
+
+        futures = client.compute([total, *parts.to_delayed(optimize_graph=False).ravel()],
+                                 optimize_graph=False)
+        result, counting = futures[0], as_completed(futures[1:])
+        del futures
+        for _ in counting:
+            st.update(1)
+        return result.result()
 
 
 # --------------------------------------------------------------------------- memory

@@ -60,6 +60,11 @@ def _fail(exc: BaseException) -> None:
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """swimdist: train SWIM sampled neural networks on Dask."""
+    if dask.config.get("distributed.admin.tick.limit", None) is None:
+        # The embedded scheduler shares this process with the fit's dense work on the
+        # client, which blocks its event loop for seconds by design; distributed would warn
+        # about each such pause. Read once, when distributed is first imported (below).
+        dask.config.set({"distributed.admin.tick.limit": "60s"})
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("swimdist").setLevel(logging.INFO if verbose == 0 else level)
@@ -74,10 +79,11 @@ def main(verbose: int) -> None:
 
 
 class _EchoHandler(logging.Handler):
-    """Prints swimdist's own info messages (choices, dashboard) plainly to stderr."""
+    """Prints swimdist's own info messages (choices, progress lines) plainly to stderr."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.name in ("swimdist.cluster", "swimdist.lstsq") or record.levelno >= 30:
+        if record.name in ("swimdist.cluster", "swimdist.lstsq", "swimdist.progress") \
+                or record.levelno >= 30:
             click.echo(record.getMessage(), err=True)
 
 
@@ -160,7 +166,8 @@ def train(config_path, **kw) -> None:
                    f"(hidden {spec['model']['hidden_layer_sizes']}, solver "
                    f"{spec['model']['solver']}) -> {spec['output']}", err=True)
         with dask.config.set({"swimdist.progress": True}), _sigterm_interrupts():
-            metrics = run_job(spec, performance_report=report)
+            metrics = run_job(spec, performance_report=report, progress=True,
+                              on_connect=lambda client: _announce(client, report))
     except SwimdistError as exc:
         _fail(exc)
     except KeyboardInterrupt as exc:
@@ -168,6 +175,16 @@ def train(config_path, **kw) -> None:
         sys.exit(130)
     _print_metrics(metrics)
     click.echo(f"model written to {os.path.join(spec['output'], 'model.npz')}")
+
+
+def _announce(client, report: str | None) -> None:
+    """The dashboard link, once, and where a record of it goes."""
+    click.echo(f"dashboard: {client.dashboard_link}", err=True)
+    if report:
+        click.echo(f"  a performance report of the fit goes to {report}", err=True)
+    else:
+        click.echo("  (--performance-report report.html keeps a copy of it as one HTML file)",
+                   err=True)
 
 
 @contextlib.contextmanager
@@ -293,9 +310,39 @@ def _print_status(output: str) -> None:
     keys = ("state", "reason", "phase", "progress", "started", "updated", "pid", "host",
             "error", "model")
     shown = {k: st[k] for k in keys if st.get(k) is not None}
+    ev = st.get("stage")
+    if isinstance(ev, dict) and ev.get("stage"):
+        shown["stage"] = ev["stage"]
+        if ev.get("total") is not None:
+            shown["done"] = f"{ev.get('done', 0)}/{ev['total']} {ev.get('unit') or ''}".strip()
+        else:
+            shown["done"] = f"{ev.get('done', 0)} {ev.get('unit') or ''}".strip()
+        if ev.get("finished"):
+            shown["done"] += " (finished)"
+        elif st["state"] == "running" and ev.get("eta") is not None:
+            shown["eta"] = _eta_now(ev["eta"], st.get("updated"))
+    res = st.get("residual")
+    if isinstance(res, dict) and res.get("value") is not None:
+        target = res.get("target")
+        shown["residual"] = f"{res['value']:.3e} ({res.get('stage')}" + (
+            f", target {target:.1e})" if target is not None else ")")
     if st.get("metrics", {}).get("test"):
         shown["test"] = st["metrics"]["test"]
     click.echo(yaml.safe_dump(shown, sort_keys=False).strip())
+
+
+def _eta_now(eta: float, updated: str | None) -> str:
+    """``eta`` seconds as of the record's ``updated`` time, counted down to now."""
+    import datetime
+
+    try:
+        age = (datetime.datetime.now(datetime.timezone.utc)
+               - datetime.datetime.fromisoformat(updated)).total_seconds()
+    except (TypeError, ValueError):
+        age = 0.0
+    from .progress import format_seconds
+
+    return format_seconds(max(0.0, float(eta) - max(0.0, age)))
 
 
 @main.command()

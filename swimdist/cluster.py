@@ -198,18 +198,25 @@ def connect(address: str | None = None, *, n_workers: int | None = None,
                 f"({type(exc).__name__}: {exc}). Check the address, that the scheduler is "
                 "running, and TLS settings; or omit --scheduler to use an embedded cluster."
             ) from None
-        logger.info("connected to %s (dashboard %s)", address, client.dashboard_link)
+        logger.info("connected to %s", address)
+        logger.debug("dashboard %s", client.dashboard_link)
         return client, None
     kw = local_cluster_kwargs(n_workers=n_workers, threads_per_worker=threads_per_worker,
                               memory_limit=memory_limit, processes=processes)
     if kw["env"] is None:
         kw.pop("env")
-    cluster = LocalCluster(silence_logs=logging.WARNING, **kw)
+    # The dashboard listens on 127.0.0.1 only, so its websockets need no wildcard origin
+    # (distributed's default "*", which bokeh warns about on every start).
+    local_origins = {"distributed.scheduler.dashboard.bokeh-application."
+                     "allow_websocket_origin": ["127.0.0.1", "localhost"]}
+    with dask.config.set(local_origins):
+        cluster = LocalCluster(silence_logs=logging.WARNING, **kw)
     client = Client(cluster, set_as_default=True)
     mem = kw["memory_limit"]
-    logger.info("started LocalCluster: %d workers x %d threads, memory %s per worker, "
-                "dashboard %s", kw["n_workers"], kw["threads_per_worker"],
-                mem if isinstance(mem, str) else format_bytes(mem), client.dashboard_link)
+    logger.info("started LocalCluster: %d workers x %d threads, memory %s per worker",
+                kw["n_workers"], kw["threads_per_worker"],
+                mem if isinstance(mem, str) else format_bytes(mem))
+    logger.debug("dashboard %s", client.dashboard_link)
     return client, cluster
 
 

@@ -33,11 +33,13 @@ import numpy as np
 from ._dask import (
     blas_for_local_threads,
     broadcast,
+    compute,
     current_client,
     fit_memory,
     hold,
     keep_alive,
     remote_client,
+    tree_sum,
 )
 
 logger = logging.getLogger("swimdist.design")
@@ -100,13 +102,15 @@ def reduce_blocks(
     *,
     length: int,
     split_every: int | None = 4,
+    label: str = "",
 ) -> np.ndarray:
     """One pass over ``A``: the sum over its row blocks of ``fn(A_i, *others_i, *consts)``,
     a flat float64 vector of ``length`` entries.
 
     numpy ``A``: one call on the whole array (BLAS threads do the parallel work). dask ``A``:
     one task per row block on the workers, ``consts`` sent to every worker once, and the
-    partial vectors summed by a tree reduction (``split_every`` per node).
+    partial vectors summed by a tree reduction (``split_every`` per node). ``label``: report
+    the pass as a progress stage of that name (:mod:`swimdist.progress`).
     """
     if isinstance(A, DesignMatrix):
         A = A.array
@@ -129,7 +133,7 @@ def reduce_blocks(
         meta=np.empty((0, 0)),
     )
     with blas_for_local_threads():
-        return parts.sum(axis=0, split_every=split_every).compute()
+        return tree_sum(parts, split_every, label)
 
 
 def _partial_sum(fn, *args) -> np.ndarray:
@@ -389,7 +393,8 @@ def _build(design: DesignMatrix, X, layers, *, store, dtype, rows, lazy) -> None
             design.column_norms = np.linalg.norm(layers[-1].weights, axis=0)
         elif placement == "memory":
             with blas_for_local_threads():
-                design.array = hidden_features(Xd, layers, dtype=dtype, add_bias=True).persist()
+                design.array = compute(hidden_features(Xd, layers, dtype=dtype, add_bias=True),
+                                       "features", unit="blocks", persist=True)
         else:
             with blas_for_local_threads():
                 H, design.build_info = build_feature_store(Xd, layers, url,

@@ -16,12 +16,11 @@ import logging
 import time
 import warnings
 
-import dask
 import dask.array as da
 import numpy as np
 
-from . import config
-from ._dask import lost_client_data
+from . import config, progress
+from ._dask import broadcast, lost_client_data
 from .activations import get_activation
 from .design import build_design
 from .exceptions import DataConversionWarning, NotFittedError, ValidationError
@@ -46,8 +45,13 @@ def _forward_numpy(X: np.ndarray, layers: list[Layer], coef, intercept, rows: in
     """Output-layer values of in-memory ``X``, ``rows`` at a time (the one forward pass,
     :func:`swimdist.features.forward`)."""
     out = np.empty((X.shape[0], coef.shape[1]))
-    for r in range(0, X.shape[0], rows):
-        out[r:r + rows] = forward(X[r:r + rows], layers) @ coef + intercept
+    if X.shape[0] <= rows:  # one piece: nothing to watch
+        out[:] = forward(X, layers) @ coef + intercept
+        return out
+    with progress.stage("predict", total=X.shape[0], unit="rows") as st:
+        for r in range(0, X.shape[0], rows):
+            out[r:r + rows] = forward(X[r:r + rows], layers) @ coef + intercept
+            st.update(min(rows, X.shape[0] - r))
     return out
 
 
@@ -59,7 +63,7 @@ class _SWIMBase:
     def __init__(self, *, hidden_layer_sizes=(100,), activation="tanh", sampler="swim",
                  solver="auto", rcond=1e-10, alpha=0.0, random_state=None, chunk_rows=None,
                  store=None, feature_dtype="float64", replace=True, merge_duplicates="auto",
-                 solver_options=None):
+                 solver_options=None, verbose=0, progress_callback=None):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.sampler = sampler
@@ -73,6 +77,8 @@ class _SWIMBase:
         self.replace = replace
         self.merge_duplicates = merge_duplicates
         self.solver_options = solver_options
+        self.verbose = verbose
+        self.progress_callback = progress_callback
 
     # ------------------------------------------------------------------ sklearn protocol
     @classmethod
@@ -139,6 +145,12 @@ class _SWIMBase:
         if not isinstance(opts, dict):
             raise ValidationError(f"solver_options must be a dict; got {type(opts).__name__}.")
         check_options(self.solver, opts)
+        if isinstance(self.verbose, bool) or not isinstance(self.verbose, int | np.integer) \
+                or self.verbose < 0:
+            raise ValidationError(f"verbose must be an integer >= 0; got {self.verbose!r}.")
+        if self.progress_callback is not None and not callable(self.progress_callback):
+            raise ValidationError(f"progress_callback must be callable or None; got "
+                                  f"{type(self.progress_callback).__name__}.")
         if self.random_state is None:
             seed = int(np.random.SeedSequence().generate_state(1)[0])
         elif isinstance(self.random_state, np.random.RandomState):
@@ -172,8 +184,17 @@ class _SWIMBase:
         -------
         self
         """
-        t0 = time.perf_counter()
         p = self._check_params()
+        with self._progress():
+            return self._fit(X, y, p)
+
+    def _progress(self):
+        """The progress sinks this estimator asked for (:mod:`swimdist.progress`)."""
+        return progress.report(int(getattr(self, "verbose", 0)),
+                               getattr(self, "progress_callback", None))
+
+    def _fit(self, X, y, p: dict):
+        t0 = time.perf_counter()
         X = check_X(X, min_samples=2)
         Y, Ysample = self._targets(y, X.shape[0])
         self.n_features_in_ = X.shape[1]
@@ -271,14 +292,17 @@ class _SWIMBase:
         if isinstance(X, da.Array):
             if len(X.chunks[1]) != 1:
                 X = X.rechunk({1: -1})
-            params = dask.delayed((self.layers_, coef, intercept), pure=True)
+            # sent to the workers once, not embedded in the graph (wide layers are tens of
+            # MB: distributed warns about such graphs)
+            params = broadcast((self.layers_, coef, intercept))
 
             def block(x, prm):
                 return _forward_numpy(x, *prm)
 
             return X.map_blocks(block, params, chunks=(X.chunks[0], (coef.shape[1],)),
                                 dtype=np.float64, meta=np.empty((0, 0)))
-        return _forward_numpy(X, self.layers_, coef, intercept)
+        with self._progress():
+            return _forward_numpy(X, self.layers_, coef, intercept)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str) -> str:
@@ -299,6 +323,7 @@ class _SWIMBase:
         params["hidden_layer_sizes"] = list(check_hidden_layer_sizes(params["hidden_layer_sizes"]))
         if params["random_state"] is not None and not isinstance(params["random_state"], int):
             params["random_state"] = self.seed_
+        params["progress_callback"] = None  # a function: not part of the model's data
         meta = {
             "format": MODEL_FORMAT, "version": MODEL_VERSION,
             "estimator": type(self).__name__, "params": params,
@@ -350,6 +375,15 @@ class SWIMRegressor(_SWIMBase):
         replacement repeat neurons). ``fit_info_["merged_columns"]`` counts the merged.
     solver_options : dict or None
         Extra keyword arguments for the solver (e.g. ``{"tol": 1e-10}``).
+    verbose : int, default 0
+        0: silent. >= 1: the progress of each long stage (sampling, feature blocks, Gram
+        panels, iterations with their residual, prediction of large inputs) as a bar per
+        stage on a terminal, or as lines on the ``swimdist.progress`` logger elsewhere
+        (:mod:`swimdist.progress`; ``swimdist.progress`` in the settings does the same for
+        every fit).
+    progress_callback : callable or None
+        Called with every :class:`swimdist.progress.Event` (stage, done, total, rate, eta,
+        residual, target) during ``fit`` and ``predict``, whatever ``verbose`` says.
     """
 
     _task = "regression"

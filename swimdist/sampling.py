@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import dask.array as da
 import numpy as np
 
+from . import progress
 from .activations import get_activation
 from .exceptions import ValidationError
 
@@ -133,58 +134,68 @@ def sample_layers(X, Y: np.ndarray | None, hidden_layer_sizes, *, activation: st
         raise ValidationError(f"Unknown sampler {sampler!r}; valid samplers are: "
                               f"{', '.join(SAMPLERS)}.")
     get_activation(activation)
-    n = X.shape[0]
     layers: list[Layer] = []
-    for li, width in enumerate(hidden_layer_sizes):
-        rng = layer_rng(seed, li)
-        d_in = X.shape[1] if li == 0 else layers[-1].width
-        if sampler == "random":
-            # The random-feature / ELM baseline, drawn as the reference does.
-            W = rng.normal(loc=0, scale=1, size=(width, d_in)).T
-            b = rng.uniform(low=-np.pi, high=np.pi, size=(width, 1)).T[0]
-            layers.append(Layer(W, b, activation))
-            continue
-        n_cand = n * max(1, int(np.ceil(width / n)))
-        n_cand = min(n_cand, max(max_candidates, width if not replace else 1))
-        i_from, i_to = draw_candidates(n, n_cand, rng)
-        if not replace:
-            # Distinct pairs: drop repeated candidates before drawing without replacement.
-            _, first = np.unique(i_from.astype(np.int64) * n + i_to, return_index=True)
-            first.sort()
-            i_from, i_to = i_from[first], i_to[first]
-        if li == 0 and isinstance(X, np.ndarray) and X.dtype == np.float64:
-            Z, pos_from, pos_to = X, i_from, i_to  # no copy of the drawn rows
-        else:
-            rows = np.unique(np.concatenate([i_from, i_to]))
-            Z = _gather_rows(X, rows)
-            for prev in layers:
-                Z = prev.apply(Z)
-            pos_from = np.searchsorted(rows, i_from)
-            pos_to = np.searchsorted(rows, i_to)
-        # Distances in slices of candidates: row norms do not depend on the slicing, and
-        # no (candidates x d) difference matrix is ever whole.
-        dist = np.empty(len(pos_from))
-        for c in range(0, len(pos_from), 8192):
-            dz = Z[pos_to[c:c + 8192]] - Z[pos_from[c:c + 8192]]
-            dist[c:c + 8192] = np.maximum(np.linalg.norm(dz, axis=1), DIST_MIN)
-        del dz
-        dy = None
-        if Y is not None:
-            if classification:
-                dy = (Y[i_to] != Y[i_from]).any(axis=1, keepdims=True).astype(np.float64)
-            else:
-                dy = Y[i_to] - Y[i_from]
-        p = pair_probabilities(dy, dist, sampler)
-        if not replace and np.count_nonzero(p) < width:
-            raise ValidationError(
-                f"Cannot draw {width} distinct neurons: only {np.count_nonzero(p)} candidate "
-                "pairs have nonzero probability. Use replace=True or fewer neurons."
-            )
-        sel = rng.choice(dist.shape[0], size=width, replace=replace, p=p)
-        W, b = pairs_to_weights(Z[pos_from[sel]], Z[pos_to[sel]], activation)
-        layers.append(Layer(W, b, activation, i_from[sel], i_to[sel]))
-        logger.info("layer %d: %d neurons from %d candidate pairs", li, width, n_cand)
+    with progress.stage("sampling", total=len(hidden_layer_sizes), unit="layers") as st:
+        for li, width in enumerate(hidden_layer_sizes):
+            layers.append(_sample_layer(X, Y, layers, li, width, activation=activation,
+                                        sampler=sampler, classification=classification,
+                                        seed=seed, replace=replace,
+                                        max_candidates=max_candidates))
+            st.update(1)
     return layers
+
+
+def _sample_layer(X, Y, layers: list[Layer], li: int, width: int, *, activation, sampler,
+                  classification, seed, replace, max_candidates) -> Layer:
+    """Layer ``li`` of :func:`sample_layers`, given the layers below it."""
+    n = X.shape[0]
+    rng = layer_rng(seed, li)
+    d_in = X.shape[1] if li == 0 else layers[-1].width
+    if sampler == "random":
+        # The random-feature / ELM baseline, drawn as the reference does.
+        W = rng.normal(loc=0, scale=1, size=(width, d_in)).T
+        b = rng.uniform(low=-np.pi, high=np.pi, size=(width, 1)).T[0]
+        return Layer(W, b, activation)
+    n_cand = n * max(1, int(np.ceil(width / n)))
+    n_cand = min(n_cand, max(max_candidates, width if not replace else 1))
+    i_from, i_to = draw_candidates(n, n_cand, rng)
+    if not replace:
+        # Distinct pairs: drop repeated candidates before drawing without replacement.
+        _, first = np.unique(i_from.astype(np.int64) * n + i_to, return_index=True)
+        first.sort()
+        i_from, i_to = i_from[first], i_to[first]
+    if li == 0 and isinstance(X, np.ndarray) and X.dtype == np.float64:
+        Z, pos_from, pos_to = X, i_from, i_to  # no copy of the drawn rows
+    else:
+        rows = np.unique(np.concatenate([i_from, i_to]))
+        Z = _gather_rows(X, rows)
+        for prev in layers:
+            Z = prev.apply(Z)
+        pos_from = np.searchsorted(rows, i_from)
+        pos_to = np.searchsorted(rows, i_to)
+    # Distances in slices of candidates: row norms do not depend on the slicing, and
+    # no (candidates x d) difference matrix is ever whole.
+    dist = np.empty(len(pos_from))
+    for c in range(0, len(pos_from), 8192):
+        dz = Z[pos_to[c:c + 8192]] - Z[pos_from[c:c + 8192]]
+        dist[c:c + 8192] = np.maximum(np.linalg.norm(dz, axis=1), DIST_MIN)
+    del dz
+    dy = None
+    if Y is not None:
+        if classification:
+            dy = (Y[i_to] != Y[i_from]).any(axis=1, keepdims=True).astype(np.float64)
+        else:
+            dy = Y[i_to] - Y[i_from]
+    p = pair_probabilities(dy, dist, sampler)
+    if not replace and np.count_nonzero(p) < width:
+        raise ValidationError(
+            f"Cannot draw {width} distinct neurons: only {np.count_nonzero(p)} candidate "
+            "pairs have nonzero probability. Use replace=True or fewer neurons."
+        )
+    sel = rng.choice(dist.shape[0], size=width, replace=replace, p=p)
+    W, b = pairs_to_weights(Z[pos_from[sel]], Z[pos_to[sel]], activation)
+    logger.info("layer %d: %d neurons from %d candidate pairs", li, width, n_cand)
+    return Layer(W, b, activation, i_from[sel], i_to[sel])
 
 
 # --------------------------------------------------------------------------- duplicates

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import dask.config
@@ -282,12 +283,20 @@ class StatusRecord:
     While the job runs, a heartbeat thread rewrites it every ``HEARTBEAT`` seconds
     (``updated``), and it names the process (``pid``, its start time, ``host``), so that
     :func:`read_status` can tell a running job from one whose process is gone.
+
+    It is a sink of :mod:`swimdist.progress`: ``stage`` holds the latest event of the
+    running stage (name, done/total, unit, rate, eta, residual, target; written at most
+    once a second, and by every heartbeat), ``residual`` the last residual any iteration
+    reported (value, target, stage), and ``stages`` the stages finished so far with their
+    durations.
     """
 
     PHASES = ("starting", "connecting", "loading", "fitting", "evaluating", "saving", "done")
     #: Seconds between heartbeats; a job on another host silent for 6 of them reads as
     #: interrupted.
     HEARTBEAT = 5.0
+    #: Finished stages kept in ``stages`` (the latest).
+    MAX_STAGES = 50
 
     def __init__(self, output: str):
         import socket
@@ -301,6 +310,7 @@ class StatusRecord:
                                      "pid_started": _process_start(os.getpid()),
                                      "host": socket.gethostname()}
         self._lock = threading.Lock()
+        self._written = self._event_time = 0.0
         self.write()
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, daemon=True,
@@ -310,7 +320,25 @@ class StatusRecord:
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.HEARTBEAT):
             with contextlib.suppress(Exception):  # best effort: the job goes on regardless
+                self._age_stage()
                 self.update()
+
+    def _age_stage(self) -> None:
+        """Bring the running stage's rate and ETA to now: with nothing done since its last
+        event, the same work has taken longer (``eta`` and ``elapsed`` grow in proportion,
+        whether the ETA comes from counts or from work)."""
+        with self._lock:
+            ev = self.data.get("stage")
+            if not ev or ev.get("finished") or not ev.get("elapsed"):
+                return
+            elapsed = ev["elapsed"] + time.monotonic() - self._event_time
+            grow = elapsed / ev["elapsed"]
+            self.data["stage"] = {**ev, "elapsed": round(elapsed, 3),
+                                  "rate": None if ev["rate"] is None
+                                  else round(ev["rate"] / grow, 3),
+                                  "eta": None if ev["eta"] is None
+                                  else round(ev["eta"] * grow, 3)}
+            self._event_time = time.monotonic()
 
     def update(self, **kw) -> None:
         with self._lock:
@@ -323,6 +351,26 @@ class StatusRecord:
             self.data["updated"] = _now()
             self.write()
 
+    def progress(self, event) -> None:
+        """Record a :class:`swimdist.progress.Event`: kept at once, written at most once a
+        second (a stage's start and end at once); the heartbeat writes the rest."""
+        ev = event.as_dict()
+        with self._lock:
+            self.data["stage"] = ev
+            self._event_time = time.monotonic()
+            if ev["residual"] is not None:
+                self.data["residual"] = {"value": ev["residual"], "target": ev["target"],
+                                         "stage": ev["stage"]}
+            if ev["finished"]:
+                done = self.data.setdefault("stages", [])
+                done.append({"name": ev["stage"], "seconds": ev["elapsed"], "done": ev["done"],
+                             "total": ev["total"], "residual": ev["residual"]})
+                del done[:-self.MAX_STAGES]
+            now = time.monotonic()
+            if ev["finished"] or ev["done"] == 0 or now - self._written >= 1.0:
+                self.data["updated"] = _now()
+                self.write()
+
     def close(self) -> None:
         """Stop the heartbeat (the record stays as last written)."""
         self._stop.set()
@@ -330,6 +378,7 @@ class StatusRecord:
             self._beat.join(timeout=2 * self.HEARTBEAT)
 
     def write(self) -> None:
+        self._written = time.monotonic()
         write_json(self.path, self.data)
 
 
@@ -442,18 +491,31 @@ def evaluate(est, X, y, task: str) -> dict:
             "n": int(len(y))}
 
 
-def run_job(spec: dict, *, performance_report: str | None = None, progress: bool = False) -> dict:
+def run_job(spec: dict, *, performance_report: str | None = None, progress: bool = False,
+            on_connect: Callable[[Any], None] | None = None) -> dict:
     """Run a validated job spec end to end; returns the metrics dict.
 
     The status record says ``done`` only after the model and metrics are written; on any
-    failure it says ``failed`` with the error, and the exception propagates.
+    failure it says ``failed`` with the error, and the exception propagates. Every stage's
+    progress goes to the status record (:mod:`swimdist.progress`); with ``progress`` also to
+    a bar per stage (terminal) or log lines. ``on_connect(client)`` runs once the client is
+    connected (the command line prints the dashboard link there).
     """
-    from .cluster import connect, local_cluster_kwargs, plan_memory, scheduler_address
+    from . import progress as _progress
 
     out = spec["output"]
     if not is_url(out):
         os.makedirs(out, exist_ok=True)
     status = StatusRecord(out)
+    with _progress.report(int(progress), status=status):
+        return _run_job(spec, status, performance_report, on_connect)
+
+
+def _run_job(spec: dict, status: StatusRecord, performance_report: str | None,
+             on_connect) -> dict:
+    from .cluster import connect, local_cluster_kwargs, plan_memory, scheduler_address
+
+    out = spec["output"]
     client = cluster = None
     t0 = time.perf_counter()
     try:
@@ -483,6 +545,8 @@ def run_job(spec: dict, *, performance_report: str | None = None, progress: bool
                                   security=security)
         status.update(phase="loading", dashboard=client.dashboard_link,
                       scheduler=client.scheduler.address)
+        if on_connect is not None:
+            on_connect(client)
         X, y, Xt, yt, task = data or load_data(spec["data"], seed=seed)
         del data
         est = make_estimator(spec["model"], task, spec["store"])

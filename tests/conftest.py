@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 
@@ -25,6 +26,19 @@ def mnist_path():
     if d is None:
         pytest.skip("MNIST IDX files not available (set SWIMDIST_DATA_DIR)")
     return d
+
+
+@pytest.fixture(autouse=True)
+def _restore_swimdist_logging():
+    """``swimdist.cli.main`` configures logging for its process (its own handler on the
+    ``swimdist`` logger, no propagation); an in-process CliRunner call must not leave that
+    to the tests after it (their ``caplog`` listens at the root)."""
+    log = logging.getLogger("swimdist")
+    handlers, propagate, level = log.handlers[:], log.propagate, log.level
+    yield
+    log.handlers[:] = handlers
+    log.propagate = propagate
+    log.setLevel(level)
 
 
 @pytest.fixture(params=[0, 1], ids=["seed0", "seed1"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -19,9 +20,15 @@ from swimdist.service import StatusRecord, read_status, run_job
 
 _WRITER = """
 import sys, time
+from swimdist.progress import Event
 from swimdist.service import StatusRecord
 st = StatusRecord(sys.argv[1])
 st.update(phase="fitting")
+st.progress(Event("cg", 0, None, "it", 0.0, None, None, None, 3e-5))
+st.progress(Event("cg", 7, None, "it", 4.0, 1.75, None, 3.2e-4, 3e-5, True))
+st.progress(Event("gram panels", 0, 8, "panels", 0.0, None, None))
+time.sleep(1.1)  # events are written at most once a second (the heartbeat writes the rest)
+st.progress(Event("gram panels", 3, 8, "panels", 60.0, 0.05, 100.0))
 print("ready", flush=True)
 time.sleep(600)
 """
@@ -46,6 +53,10 @@ def test_running_then_killed_reads_as_interrupted(tmp_path):
         assert read_status(str(out))["state"] == "running"
         code, text = _status_cli(out)
         assert code == 0 and "state: running" in text and "phase: fitting" in text
+        # the running stage, its count, the time left, the last residual and its target
+        assert "stage: gram panels" in text and "done: 3/8 panels" in text
+        assert re.search(r"eta: (1:\d\d min|\d+ s)", text), text
+        assert "residual: 3.200e-04 (cg, target 3.0e-05)" in text
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -54,6 +65,8 @@ def test_running_then_killed_reads_as_interrupted(tmp_path):
     assert st["state"] == "interrupted" and str(proc.pid) in st["reason"]
     code, text = _status_cli(out)
     assert code == 0 and "state: interrupted" in text
+    # where it stopped; no time left is promised for a job that is gone
+    assert "stage: gram panels" in text and "done: 3/8 panels" in text and "eta" not in text
     # info OUTPUT says the same
     r = CliRunner().invoke(main, ["info", str(out)])
     assert r.exit_code == 0 and "state: interrupted" in r.output
@@ -113,6 +126,9 @@ def test_finished_and_failed_jobs(tmp_path):
     assert read_status(str(done))["state"] == "done"
     code, text = _status_cli(done)
     assert code == 0 and "state: done" in text and "mae" in text
+    st = read_status(str(done))
+    assert [s["name"] for s in st["stages"]][:2] == ["sampling", "features"]
+    assert "stage: " in text and "(finished)" in text and "eta" not in text
     failed = tmp_path / "failed"
     from swimdist.service import load_spec
 

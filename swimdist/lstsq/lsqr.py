@@ -46,6 +46,7 @@ import dask
 import dask.array as da
 import numpy as np
 
+from .. import progress
 from ..design import row_chunked, rows_like
 from ..exceptions import ConvergenceWarning, ValidationError
 from ._common import column_norms, is_dask
@@ -315,53 +316,58 @@ def lsqr(
     # converged at the start: exact start (beta = 0) or B^T r = 0 (alpha = 0)
     converged = (beta <= tol * yn) | (alpha * beta == 0)
     it, reason = 0, "tolerance"
-    while not converged.all():
-        if it >= max_iter:
-            reason = "iteration limit"
-            break
-        it += 1
-        # fused pass: U <- A P v - alpha u  (u = U / beta), then A^T U and ||U||^2
-        a = -alpha / bsafe
-        U, AtU, rn2 = op.update(U, P @ v, a)
-        u_aug = damp * (P @ v) + a * u_aug
-        beta = np.sqrt(rn2 + np.einsum("ij,ij->j", u_aug, u_aug))
-        bsafe = np.where(beta > 0, beta, 1.0)
-        anorm = np.sqrt(anorm**2 + alpha**2 + beta**2)
-        v = P.T @ (AtU + damp * u_aug) / bsafe - beta * v
-        alpha = np.linalg.norm(v, axis=0)
-        v /= np.where(alpha > 0, alpha, 1.0)
-        # plane rotation (scipy's _sym_ortho without the sign refinements: rho >= 0 here)
-        rho = np.hypot(rhobar, beta)
-        rsafe = np.where(rho > 0, rho, 1.0)
-        c, s = rhobar / rsafe, beta / rsafe
-        theta = s * alpha
-        rhobar = -c * alpha
-        phi = c * phibar
-        phibar = s * phibar
-        tau = s * phi
-        dz += (phi / rsafe) * w
-        w = v - (theta / rsafe) * w
-        rnorm = np.abs(phibar)
-        arnorm = alpha * np.abs(tau)
-        znorm = np.linalg.norm(z0 + dz, axis=0)
-        history.append(float(np.linalg.norm(rnorm)) / yF)
-        test1 = rnorm <= tol * ynorm + tol * anorm * znorm
-        test2 = arnorm <= tol * (anorm * rnorm + eps)
-        # scipy's machine-precision stops (istop 4 and 5): the same tests with tol = eps,
-        # met where rounding leaves nothing to gain, whatever tol asked for
-        with np.errstate(divide="ignore", invalid="ignore"):
-            prec1 = 1.0 + rnorm / (ynorm + anorm * znorm) <= 1.0
-            prec2 = 1.0 + arnorm / (anorm * rnorm + eps) <= 1.0
-        converged = converged | test1 | test2 | prec1 | prec2
-        if checkpoint is not None and it % max(1, checkpoint_every) == 0:
-            checkpoint.save("lsqr", z=z0 + dz, it=np.array(it))
-        logger.debug(
-            "lsqr it %d: relative residual %.3e, converged %d/%d",
-            it,
-            history[-1],
-            converged.sum(),
-            K,
-        )
+    with progress.stage("lsqr", unit="it", target=tol) as st:
+        while not converged.all():
+            if it >= max_iter:
+                reason = "iteration limit"
+                break
+            it += 1
+            # fused pass: U <- A P v - alpha u  (u = U / beta), then A^T U and ||U||^2
+            a = -alpha / bsafe
+            U, AtU, rn2 = op.update(U, P @ v, a)
+            u_aug = damp * (P @ v) + a * u_aug
+            beta = np.sqrt(rn2 + np.einsum("ij,ij->j", u_aug, u_aug))
+            bsafe = np.where(beta > 0, beta, 1.0)
+            anorm = np.sqrt(anorm**2 + alpha**2 + beta**2)
+            v = P.T @ (AtU + damp * u_aug) / bsafe - beta * v
+            alpha = np.linalg.norm(v, axis=0)
+            v /= np.where(alpha > 0, alpha, 1.0)
+            # plane rotation (scipy's _sym_ortho without the sign refinements: rho >= 0 here)
+            rho = np.hypot(rhobar, beta)
+            rsafe = np.where(rho > 0, rho, 1.0)
+            c, s = rhobar / rsafe, beta / rsafe
+            theta = s * alpha
+            rhobar = -c * alpha
+            phi = c * phibar
+            phibar = s * phibar
+            tau = s * phi
+            dz += (phi / rsafe) * w
+            w = v - (theta / rsafe) * w
+            rnorm = np.abs(phibar)
+            arnorm = alpha * np.abs(tau)
+            znorm = np.linalg.norm(z0 + dz, axis=0)
+            history.append(float(np.linalg.norm(rnorm)) / yF)
+            test1 = rnorm <= tol * ynorm + tol * anorm * znorm
+            test2 = arnorm <= tol * (anorm * rnorm + eps)
+            # scipy's machine-precision stops (istop 4 and 5): the same tests with tol = eps,
+            # met where rounding leaves nothing to gain, whatever tol asked for
+            with np.errstate(divide="ignore", invalid="ignore"):
+                prec1 = 1.0 + rnorm / (ynorm + anorm * znorm) <= 1.0
+                prec2 = 1.0 + arnorm / (anorm * rnorm + eps) <= 1.0
+            converged = converged | test1 | test2 | prec1 | prec2
+            if checkpoint is not None and it % max(1, checkpoint_every) == 0:
+                checkpoint.save("lsqr", z=z0 + dz, it=np.array(it))
+            logger.debug(
+                "lsqr it %d: relative residual %.3e, converged %d/%d",
+                it,
+                history[-1],
+                converged.sum(),
+                K,
+            )
+            # the stopping quantity of the farthest column (LSQR stops at tol)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                stop = np.minimum(rnorm / (ynorm + anorm * znorm), arnorm / (anorm * rnorm + eps))
+            st.update(1, residual=float(np.nan_to_num(stop, nan=0.0, posinf=0.0).max()))
     if not converged.all():
         warnings.warn(
             f"LSQR stopped at the iteration limit max_iter={max_iter} with {K - converged.sum()} "
@@ -437,41 +443,44 @@ def chebyshev(
     r_start = float(np.linalg.norm(rnorm))
     k_pred = chebyshev_iterations(lo, hi, tol)
     it, reason, a = 0, "tolerance", 0.0
-    while not converged.all():
-        if it >= max_iter:
-            reason = "iteration limit"
-            break
-        if it == 0:
-            b, a = 0.0, 1.0 / d
-        elif it == 1:
-            b = 0.5 * (c / d) ** 2
-            a = 1.0 / (d - c**2 / (2 * d))
-        else:
-            b = (a * c / 2) ** 2
-            a = 1.0 / (d - b / a)
-        it += 1
-        v = b * v + g
-        z = z + a * v
-        # fused pass: r <- r - a B v, then B^T r and ||r||^2
-        Pv = P @ v
-        R, AtR, rn2 = op.update(R, -a * Pv, np.ones(K))
-        r_aug = r_aug - (a * damp) * Pv
-        rnorm = np.sqrt(rn2 + np.einsum("ij,ij->j", r_aug, r_aug))
-        g = P.T @ (AtR + damp * r_aug)
-        gnorm = np.linalg.norm(g, axis=0)
-        better = gnorm < best_g
-        best_z[:, better] = z[:, better]
-        best_r[better], best_g[better] = rnorm[better], gnorm[better]
-        history.append(float(np.linalg.norm(rnorm)) / yF)
-        znorm = np.linalg.norm(z, axis=0)
-        test1 = rnorm <= tol * ynorm + tol * hi * znorm
-        test2 = gnorm <= tol * (hi * rnorm + eps)
-        # the a-priori count bounds the error reduction by tol; the tests may stop earlier
-        # (test2 has a rounding floor of about eps * cond(A) when A is ill-conditioned)
-        converged = converged | test1 | test2 | (it >= k_pred)
-        if float(np.linalg.norm(rnorm)) > 10 * r_start:
-            reason = "diverged"
-            break
+    with progress.stage("chebyshev", total=min(k_pred, int(max_iter)), unit="it",
+                        target=tol) as st:
+        while not converged.all():
+            if it >= max_iter:
+                reason = "iteration limit"
+                break
+            if it == 0:
+                b, a = 0.0, 1.0 / d
+            elif it == 1:
+                b = 0.5 * (c / d) ** 2
+                a = 1.0 / (d - c**2 / (2 * d))
+            else:
+                b = (a * c / 2) ** 2
+                a = 1.0 / (d - b / a)
+            it += 1
+            v = b * v + g
+            z = z + a * v
+            # fused pass: r <- r - a B v, then B^T r and ||r||^2
+            Pv = P @ v
+            R, AtR, rn2 = op.update(R, -a * Pv, np.ones(K))
+            r_aug = r_aug - (a * damp) * Pv
+            rnorm = np.sqrt(rn2 + np.einsum("ij,ij->j", r_aug, r_aug))
+            g = P.T @ (AtR + damp * r_aug)
+            gnorm = np.linalg.norm(g, axis=0)
+            better = gnorm < best_g
+            best_z[:, better] = z[:, better]
+            best_r[better], best_g[better] = rnorm[better], gnorm[better]
+            history.append(float(np.linalg.norm(rnorm)) / yF)
+            znorm = np.linalg.norm(z, axis=0)
+            test1 = rnorm <= tol * ynorm + tol * hi * znorm
+            test2 = gnorm <= tol * (hi * rnorm + eps)
+            # the a-priori count bounds the error reduction by tol; the tests may stop earlier
+            # (test2 has a rounding floor of about eps * cond(A) when A is ill-conditioned)
+            converged = converged | test1 | test2 | (it >= k_pred)
+            st.update(1, residual=float(np.max(gnorm / (hi * rnorm + eps))))
+            if float(np.linalg.norm(rnorm)) > 10 * r_start:
+                reason = "diverged"
+                break
     if not converged.all():
         why = (
             "diverged (the residual grew tenfold): the singular-value bounds "

@@ -41,7 +41,7 @@ import time
 
 import numpy as np
 
-from .. import config
+from .. import config, progress
 from .._dask import wait_for
 from ..design import as_design
 from ..exceptions import ValidationError
@@ -193,7 +193,9 @@ def solve_lsrn(
     timings["sketch"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    U, sig, Vt = np.linalg.svd(SA, full_matrices=False)
+    with progress.stage("svd", total=1, unit="steps") as st:  # one LAPACK call
+        U, sig, Vt = np.linalg.svd(SA, full_matrices=False)
+        st.update(1)
     smax = float(sig[0]) if sig.size else 0.0
     rank = int(np.sum(sig > rcond * smax)) if smax > 0 else 0
     timings["svd"] = time.perf_counter() - t0

@@ -63,6 +63,7 @@ import time
 import numpy as np
 import scipy.linalg as sla
 
+from .. import progress
 from .._dask import single_thread_lapack
 from ..design import as_design, reduce_blocks
 from ..exceptions import ValidationError
@@ -94,7 +95,8 @@ def gram(A, Y, *, tile: int = TILE, split_every: int | None = 4):
         raise ValidationError(f"tile must be a positive number of columns; got {tile!r}.")
     n, K = A.shape[1], Y.shape[1]
     m = n + K
-    flat = reduce_blocks(gram_upper, A, (Y,), (tile,), length=m * m, split_every=split_every)
+    flat = reduce_blocks(gram_upper, A, (Y,), (tile,), length=m * m, split_every=split_every,
+                         label="gram")
     M = flat.reshape(m, m)
     return M[:n, :n], M[:n, n:], np.diagonal(M[n:, n:]).copy()
 
@@ -328,7 +330,10 @@ def solve_normal(
     ynorm = math.sqrt(float(yty.sum())) or 1.0
     converged, resid = True, None
     if factor == "eigh":
-        lam, V = np.linalg.eigh(G, UPLO="U")
+        # one LAPACK call: the stage says what runs, not how far it is
+        with progress.stage("factorization", total=1, unit="steps") as st:
+            lam, V = np.linalg.eigh(G, UPLO="U")
+            st.update(1)
         del G
         lam_max = max(float(lam[-1]), 0.0)
         sig = np.sqrt(np.maximum(lam, 0.0))

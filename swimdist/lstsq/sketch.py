@@ -42,6 +42,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.linalg.blas import dgemm
 
+from .._dask import tree_sum
 from ..design import row_chunked, rows_like
 from ..exceptions import ChunkingError, ValidationError
 from ._common import is_dask
@@ -286,6 +287,12 @@ def sketch_lazy(
     -------
     dask.array.Array, shape (s, n) or (s, n + K), float64
     """
+    return _sketch_parts(A, Y, s=s, kind=kind, seed=seed, nnz=nnz,
+                         block_bytes=block_bytes).sum(axis=0, split_every=split_every)
+
+
+def _sketch_parts(A, Y, *, s, kind, seed, nnz, block_bytes) -> da.Array:
+    """The per-row-block partials of :func:`sketch_lazy`, shape (blocks, s, n [+ K])."""
     block_bytes = _check(s, kind, nnz, block_bytes)
     if not is_dask(A):
         raise ValidationError(
@@ -319,7 +326,7 @@ def sketch_lazy(
         meta=np.empty((0, 0, 0)),
         **kw,
     )
-    return parts.sum(axis=0, split_every=split_every)
+    return parts
 
 
 def sketch(
@@ -361,16 +368,10 @@ def sketch(
     """
     y_1d = Y is not None and getattr(Y, "ndim", np.ndim(Y)) == 1
     if is_dask(A):
-        S = sketch_lazy(
-            A,
-            Y,
-            s=s,
-            kind=kind,
-            seed=seed,
-            nnz=nnz,
-            block_bytes=block_bytes,
-            split_every=split_every,
-        ).compute()
+        # one partial per row block, summed as sketch_lazy sums them (blocks counted)
+        parts = _sketch_parts(A, Y, s=s, kind=kind, seed=seed, nnz=nnz,
+                              block_bytes=block_bytes)
+        S = tree_sum(parts, split_every, "sketch")
         n = A.shape[1]
     else:
         A = np.asarray(A)

@@ -61,6 +61,7 @@ import time
 
 import numpy as np
 
+from .. import progress
 from .._dask import wait_for
 from ..design import as_design, row_chunked, rows_like
 from ..exceptions import ValidationError
@@ -292,43 +293,49 @@ def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int
         else:
             X_prev, R_prev, Rn_prev, rel_prev = X.copy(), R, Rn, rel
             sweep_res, sweep_ranks = [], []
-        for j, cols in enumerate(groups):
-            if (sweep, j) < start:
-                continue
-            t0 = time.perf_counter()
-            B = block(cols)
-            t1 = time.perf_counter()
-            sub_seed = int(np.random.SeedSequence([seed, sweep, j]).generate_state(1)[0])
-            seed_kw = {"seed": sub_seed} if takes_seed else {}
-            res = sub(B, Rn, rcond=rcond, alpha=alpha, **seed_kw, **sub_options)
-            d = np.asarray(res.solution, dtype=np.float64).reshape(-1, K)
-            t2 = time.perf_counter()
-            for key, sec in res.timings.items():  # the sub-solver's stages, summed over blocks
-                timings[f"sub_{key}"] = timings.get(f"sub_{key}", 0.0) + sec
-            if lazy:
-                # Row block by row block on the workers; the persisted R keeps the graph flat.
-                R = (R - B.dot(d)).persist()
-                Rn = R.compute()
-            else:
-                R = Rn = R - B @ d
-            del B
-            X[cols] += d[:len(cols)]
-            if intercept:
-                X[n - 1] += d[-1]
-            rel = float(np.linalg.norm(Rn)) / scale
-            t3 = time.perf_counter()
-            timings["build"] += t1 - t0
-            timings["solve"] += t2 - t1
-            timings["update"] += t3 - t2
-            history.append(rel)
-            sweep_res.append(rel)
-            sweep_ranks.append(res.rank)
-            logger.debug("split sweep %d block %d/%d (%d columns): relative residual %.3e",
-                         sweep + 1, j + 1, len(groups), len(cols), rel)
-            if checkpoint is not None:
-                ranks.append(sweep_ranks)  # saved with the current sweep's ranks included
-                save(X_prev, Rn_prev, rel_prev)
-                ranks.pop()
+        name = "split blocks" if split_sweeps == 1 else f"split sweep {sweep + 1}"
+        todo = sum((sweep, j) >= start for j in range(len(groups)))  # resumed: fewer
+        with progress.stage(name, total=todo, unit="blocks") as st:
+            for j, cols in enumerate(groups):
+                if (sweep, j) < start:
+                    continue
+                t0 = time.perf_counter()
+                B = block(cols)
+                t1 = time.perf_counter()
+                sub_seed = int(np.random.SeedSequence([seed, sweep, j]).generate_state(1)[0])
+                seed_kw = {"seed": sub_seed} if takes_seed else {}
+                res = sub(B, Rn, rcond=rcond, alpha=alpha, **seed_kw, **sub_options)
+                d = np.asarray(res.solution, dtype=np.float64).reshape(-1, K)
+                t2 = time.perf_counter()
+                # the sub-solver's stages, summed over blocks
+                for key, sec in res.timings.items():
+                    timings[f"sub_{key}"] = timings.get(f"sub_{key}", 0.0) + sec
+                if lazy:
+                    # Row block by row block on the workers; the persisted R keeps the graph
+                    # flat.
+                    R = (R - B.dot(d)).persist()
+                    Rn = R.compute()
+                else:
+                    R = Rn = R - B @ d
+                del B
+                X[cols] += d[:len(cols)]
+                if intercept:
+                    X[n - 1] += d[-1]
+                rel = float(np.linalg.norm(Rn)) / scale
+                t3 = time.perf_counter()
+                timings["build"] += t1 - t0
+                timings["solve"] += t2 - t1
+                timings["update"] += t3 - t2
+                history.append(rel)
+                sweep_res.append(rel)
+                sweep_ranks.append(res.rank)
+                logger.debug("split sweep %d block %d/%d (%d columns): relative residual %.3e",
+                             sweep + 1, j + 1, len(groups), len(cols), rel)
+                st.update(1, residual=rel)
+                if checkpoint is not None:
+                    ranks.append(sweep_ranks)  # saved with the current sweep's ranks included
+                    save(X_prev, Rn_prev, rel_prev)
+                    ranks.pop()
         per_sweep.append(sweep_res)
         ranks.append(sweep_ranks)
         sweeps_done = sweep + 1

@@ -47,7 +47,7 @@ import time
 import numpy as np
 import scipy.linalg as sla
 
-from .. import config
+from .. import config, progress
 from .._dask import current_client, single_thread_lapack
 from ..design import as_design, reduce_blocks, row_chunked, rows_like
 from ..exceptions import ConvergenceWarning, ValidationError
@@ -168,27 +168,32 @@ class PanelCholesky:
         Trailing updates go through GEMM in column blocks (no BLAS call sees more than
         ``column_block`` output columns, no temporary larger than a tile x block)."""
         T, P = self.tiles, self.panels
-        for k, (k0, k1) in enumerate(T):
-            with single_thread_lapack():
-                Rkk, info = sla.lapack.dpotrf(P[k][:, :k1 - k0], lower=0, clean=1,
-                                              overwrite_a=0)
-            if info != 0:
-                raise np.linalg.LinAlgError(
-                    f"matrix is not positive definite (tile at {k0}, pivot {info})")
-            P[k][:, :k1 - k0] = Rkk
-            if k1 == self.n:
-                break
-            for c0 in range(k1, self.n, column_block):  # R_k,later = R_kk^{-T} G_k,later
-                c1 = min(self.n, c0 + column_block)
-                P[k][:, c0 - k0:c1 - k0] = sla.blas.dtrsm(
-                    1.0, Rkk, P[k][:, c0 - k0:c1 - k0], side=0, lower=0, trans_a=1)
-            Rk = P[k]
-            for j in range(k + 1, len(T)):
-                j0, j1 = T[j]
-                Rkj = Rk[:, j0 - k0:j1 - k0]
-                for c0 in range(j0, self.n, column_block):  # G_j,l -= R_kj^T R_kl, l >= j
+        # work of step k: the trailing panels it updates, about (T - k)^2 / 2 tile products
+        work = [(len(T) - k) * (len(T) - k + 1) // 2 for k in range(len(T))]
+        with progress.stage("factorization", total=len(T), unit="tiles", work=sum(work)) as st:
+            for k, (k0, k1) in enumerate(T):
+                with single_thread_lapack():
+                    Rkk, info = sla.lapack.dpotrf(P[k][:, :k1 - k0], lower=0, clean=1,
+                                                  overwrite_a=0)
+                if info != 0:
+                    raise np.linalg.LinAlgError(
+                        f"matrix is not positive definite (tile at {k0}, pivot {info})")
+                P[k][:, :k1 - k0] = Rkk
+                if k1 == self.n:
+                    st.update(1, work=work[k])
+                    break
+                for c0 in range(k1, self.n, column_block):  # R_k,later = R_kk^{-T} G_k,later
                     c1 = min(self.n, c0 + column_block)
-                    P[j][:, c0 - j0:c1 - j0] -= Rkj.T @ Rk[:, c0 - k0:c1 - k0]
+                    P[k][:, c0 - k0:c1 - k0] = sla.blas.dtrsm(
+                        1.0, Rkk, P[k][:, c0 - k0:c1 - k0], side=0, lower=0, trans_a=1)
+                Rk = P[k]
+                for j in range(k + 1, len(T)):
+                    j0, j1 = T[j]
+                    Rkj = Rk[:, j0 - k0:j1 - k0]
+                    for c0 in range(j0, self.n, column_block):  # G_j,l -= R_kj^T R_kl, l >= j
+                        c1 = min(self.n, c0 + column_block)
+                        P[j][:, c0 - j0:c1 - j0] -= Rkj.T @ Rk[:, c0 - k0:c1 - k0]
+                st.update(1, work=work[k])
         return self
 
     def solve(self, B: np.ndarray) -> np.ndarray:
@@ -333,19 +338,24 @@ def _gram_panels(A, Y, n, K, *, reader, tile, gdt, checkpoint):
             logger.info("normal-tiled: %d of %d Gram panels reused from the checkpoint", done,
                         len(tiles))
     todo = [i for i in range(len(tiles)) if panels[i] is None]
+    # a panel's products: its rows x the columns from its first one on (progress weights)
+    work = [(b - a) * (width - a) for a, b in tiles]
     client = current_client()
     N = A.shape[0]
     if source is None:
         for i in todo:
             panels[i] = np.zeros((tiles[i][1] - tiles[i][0], width - tiles[i][0]))
         r0 = 0
-        for blk in row_chunked(A).to_delayed()[:, 0]:
-            a = np.asarray(blk.compute())
-            r1 = r0 + a.shape[0]
-            for i in todo:
-                panels[i] += _panel_task(a, Y[r0:r1], n_feat, bias, a.shape[0], a.shape[0],
-                                         tiles[i], width, gdt)
-            r0 = r1
+        blocks = row_chunked(A).to_delayed()[:, 0]
+        with progress.stage("gram blocks", total=len(blocks), unit="blocks") as st:
+            for blk in blocks:
+                a = np.asarray(blk.compute())
+                r1 = r0 + a.shape[0]
+                for i in todo:
+                    panels[i] += _panel_task(a, Y[r0:r1], n_feat, bias, a.shape[0],
+                                             a.shape[0], tiles[i], width, gdt)
+                r0 = r1
+                st.update(1)
     elif client is not None and todo:
         from distributed import as_completed
 
@@ -355,21 +365,27 @@ def _gram_panels(A, Y, n, K, *, reader, tile, gdt, checkpoint):
             out = None if checkpoint is None else (checkpoint.path, f"panel-{i}")
             futs[client.submit(_panel_task, source, Yf, n_feat, bias, N, rows, tiles[i], width,
                                gdt, out, pure=False, priority=len(tiles) - i)] = i
-        for fut in as_completed(list(futs)):
-            i = futs[fut]
-            got = fut.result()
-            fut.release()
-            if isinstance(got, str):
-                got = checkpoint.load_npy(f"panel-{i}")
-            panels[i] = np.asarray(got, dtype=np.float64)
-            del got
+        with progress.stage("gram panels", total=len(todo), unit="panels",
+                            work=sum(work[i] for i in todo)) as st:
+            for fut in as_completed(list(futs)):
+                i = futs[fut]
+                got = fut.result()
+                fut.release()
+                if isinstance(got, str):
+                    got = checkpoint.load_npy(f"panel-{i}")
+                panels[i] = np.asarray(got, dtype=np.float64)
+                del got
+                st.update(1, work=work[i])
     else:
-        for i in todo:
-            acc = _panel_task(source, Y, n_feat, bias, N, rows, tiles[i], width, gdt)
-            if checkpoint is not None:
-                checkpoint.save_npy(f"panel-{i}", acc)
-            panels[i] = np.asarray(acc, dtype=np.float64)
-            del acc
+        with progress.stage("gram panels", total=len(todo), unit="panels",
+                            work=sum(work[i] for i in todo)) as st:
+            for i in todo:
+                acc = _panel_task(source, Y, n_feat, bias, N, rows, tiles[i], width, gdt)
+                if checkpoint is not None:
+                    checkpoint.save_npy(f"panel-{i}", acc)
+                panels[i] = np.asarray(acc, dtype=np.float64)
+                del acc
+                st.update(1, work=work[i])
     return panels, tiles, done
 
 
@@ -581,31 +597,41 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
         est = left()
         return bool(np.all((est <= accept_tol**2 * np.maximum(fval, 0.0)) | (est <= floor2())))
 
+    def measure() -> float | None:  # what the progress line shows against its target
+        if cg_tol is not None:
+            return history[-1] if history else None
+        gap = left()
+        return float(np.max(gap / np.maximum(fval, 1e-300))) if np.all(np.isfinite(gap)) else None
+
     converged = done() if (cg_tol is not None or terms) else False
-    while not converged and it < max_iter:
-        q = ne(p)
-        pq = np.einsum("ij,ij->j", p, q)
-        step = np.where(pq > 0, rz / np.where(pq > 0, pq, 1.0), 0.0)
-        x = x + step * p
-        r = r - step * q
-        gain = step * rz  # f(x_j) - f(x_{j+1})
-        fval = fval - gain
-        terms.append(gain)
-        z = chol.solve(r)
-        rz_new = np.einsum("ij,ij->j", r, z)
-        p = z + np.where(rz > 0, rz_new / np.where(rz > 0, rz, 1.0), 0.0) * p
-        rz = rz_new
-        it += 1
-        rel = np.linalg.norm(r, axis=0) / np.maximum(bnorm, 1e-300)
-        history.append(float(rel.max()))
-        converged = done()
-        logger.info("normal-tiled: CG step %d, relative residual %.3e, objective left "
-                    "%.1e of %.1e", it, rel.max(), float(np.max(left())),
-                    float(np.max(fval)))
-        if checkpoint is not None and it % checkpoint_every == 0:
-            checkpoint.save("pcg", x=x, r=r, p=p, rz=rz, bnorm=bnorm, it=np.array(it),
-                            history=np.array(history), fval=fval,
-                            terms=np.array(terms).reshape(-1, K))
+    with progress.stage("cg", unit="it",
+                        target=cg_tol if cg_tol is not None else accept_tol**2) as st:
+        st.update(0, done=it, residual=measure())
+        while not converged and it < max_iter:
+            q = ne(p)
+            pq = np.einsum("ij,ij->j", p, q)
+            step = np.where(pq > 0, rz / np.where(pq > 0, pq, 1.0), 0.0)
+            x = x + step * p
+            r = r - step * q
+            gain = step * rz  # f(x_j) - f(x_{j+1})
+            fval = fval - gain
+            terms.append(gain)
+            z = chol.solve(r)
+            rz_new = np.einsum("ij,ij->j", r, z)
+            p = z + np.where(rz > 0, rz_new / np.where(rz > 0, rz, 1.0), 0.0) * p
+            rz = rz_new
+            it += 1
+            rel = np.linalg.norm(r, axis=0) / np.maximum(bnorm, 1e-300)
+            history.append(float(rel.max()))
+            converged = done()
+            logger.debug("normal-tiled: CG step %d, relative residual %.3e, objective left "
+                         "%.1e of %.1e", it, rel.max(), float(np.max(left())),
+                         float(np.max(fval)))
+            st.update(1, residual=measure())
+            if checkpoint is not None and it % checkpoint_every == 0:
+                checkpoint.save("pcg", x=x, r=r, p=p, rz=rz, bnorm=bnorm, it=np.array(it),
+                                history=np.array(history), fval=fval,
+                                terms=np.array(terms).reshape(-1, K))
     if not converged and max_iter > 0:
         import warnings
 

@@ -22,7 +22,7 @@ import dask.array as da
 import numpy as np
 
 from .. import config
-from .._dask import broadcast, compute
+from .._dask import broadcast, compute, compute_all
 from .._io import is_url, local_path
 from ..exceptions import StoreError
 from ..sampling import Layer
@@ -142,7 +142,7 @@ def verify_blocks(backend, rows: int, *, reset: bool = True, crcs=None) -> int:
     tasks = [check(backend, int(i), rows, int(stored[i]), reset) for i in np.flatnonzero(stored)]
     if not tasks:
         return 0
-    return int(sum(bool(ok) for ok in dask.compute(*tasks)))
+    return int(sum(bool(ok) for ok in compute_all(tasks, "verify store")))
 
 
 # --------------------------------------------------------------------------- building
@@ -228,7 +228,7 @@ def build_feature_store(X: da.Array, layers: list[Layer], url: str, *, fingerpri
     done = X.map_blocks(_write_block, params, cols, dtype, backend,
                         chunks=((1,) * n_blocks, (1,)), dtype=np.uint8,
                         meta=np.empty((0, 0), np.uint8))
-    written = int(compute(done.sum(), "features"))
+    written = int(compute(done, "features", unit="blocks").sum())
     meta["complete"] = True
     backend.set_meta(meta)
     return backend.array(rows), {"blocks": n_blocks, "written": written,
