@@ -50,8 +50,12 @@ CANDIDATES = ("direct", "normal", "sketch-direct", "lsrn", "normal-tiled", "spli
 #: problem), such problems go straight to the reference.
 CALIBRATION_FLOPS = 2e9
 
-__all__ = ["CALIBRATION_FLOPS", "CANDIDATES", "TASKS", "choose", "looks_like_classification",
-           "predict", "solve_auto", "unresolved_budget"]
+#: Most verification passes ``auto`` lets ``normal`` make (each after the first is thin);
+#: within it, the passes stop where their time would reach the fallback's.
+MAX_REFINE = 20
+
+__all__ = ["CALIBRATION_FLOPS", "CANDIDATES", "MAX_REFINE", "TASKS", "choose",
+           "looks_like_classification", "predict", "solve_auto", "unresolved_budget"]
 
 
 def looks_like_classification(Y) -> bool:
@@ -413,11 +417,16 @@ def solve_auto(
                 opts["verify"] = "resolved" if classification else True
                 # verify the unresolved directions only while that costs less than the
                 # solver that would take over
+                # solver that would take over: half its predicted time for the pass over the
+                # unresolved directions, half for the thin refinement passes after it
                 later = [secs.get(c, math.inf) for c in chain[i + 1:]]
                 fallback = min(later, default=math.inf)
-                opts["max_unresolved"] = (unresolved_budget(A.shape, n_rhs=K, dtype=A.dtype,
-                                                            fallback_seconds=fallback)
-                                          if secs else 1.0)
+                if secs and math.isfinite(fallback):
+                    opts["max_unresolved"] = unresolved_budget(
+                        A.shape, n_rhs=K, dtype=A.dtype, fallback_seconds=0.5 * fallback)
+                    thin = 2 * machine_rates().product(N, n, K, A.dtype) + TASK_OVERHEAD
+                    opts.setdefault("max_refine",
+                                    int(min(MAX_REFINE, max(3, 1 + 0.5 * fallback // thin))))
         elif cand == "sketch-direct":
             opts.update(accept_tol=accept_tol)
         res = SOLVERS[cand](Ac, Y, rcond=rcond, alpha=alpha, **opts)
