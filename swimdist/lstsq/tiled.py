@@ -65,6 +65,16 @@ _EPS = float(np.finfo(np.float64).eps)
 #: Bytes of one row block of a panel task (its columns from the store, as the tile dtype).
 PANEL_BLOCK_BYTES = 128 * 2**20
 
+
+def _block_bytes() -> int:
+    """Bytes of one row block a worker task reads: :data:`PANEL_BLOCK_BYTES`, or a sixteenth
+    of the smallest worker's memory limit when that is less (the store's decompressed chunk,
+    the slice, its conversion and the task's output sit beside it)."""
+    from .._dask import worker_memory
+
+    _, limit, _ = worker_memory()
+    return int(min(PANEL_BLOCK_BYTES, limit / 16)) if limit else PANEL_BLOCK_BYTES
+
 __all__ = ["TILE", "PanelCholesky", "blocked_cholesky", "solve_normal_tiled"]
 
 
@@ -325,7 +335,7 @@ def _gram_panels(A, Y, n, K, *, reader, tile, gdt, checkpoint):
     tiles = _tiles(width, tile)
     # Panel tasks block the rows themselves: one block of the widest panel is about
     # PANEL_BLOCK_BYTES, whatever the store's own chunking.
-    rows = max(1, PANEL_BLOCK_BYTES // (width * gdt.itemsize))
+    rows = max(1, _block_bytes() // (width * gdt.itemsize))
     panels: list[np.ndarray | None] = [None] * len(tiles)
     done = 0
     if checkpoint is not None:
@@ -532,7 +542,7 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
         client = current_client()
         if client is not None:
             passes = _StorePasses(client, reader, n - 1, N,
-                                  max(1, PANEL_BLOCK_BYTES // (8 * n)), Y)
+                                  max(1, _block_bytes() // (8 * n)), Y)
         A_, pbias = design.stored(), 1
     else:
         A_, pbias = (row_chunked(A) if is_dask(A) else A), 0
