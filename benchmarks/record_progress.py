@@ -136,7 +136,9 @@ def main() -> int:
     print_table(f"ETA at each stage's midpoint (stages of >= {MIN_STAGE:g} s with a total)",
                 ["stage", "took s", "at s", "done", "ETA s", "actually left s", "ratio",
                  "within 2x"], rows)
-    ok = (proc.returncode == 0 and len(running) >= args.want_changes
+    # `script` may exit 0 whatever the command did: the job's own record decides
+    ok = (proc.returncode == 0 and final.get("phase") == "done"
+          and len(running) >= args.want_changes
           and all(r[-1] == "yes" for r in rows))
     print(f"\n{'PASS' if ok else 'FAIL'} (typescript and output in {work})")
     return 0 if ok else 1
