@@ -169,11 +169,15 @@ def solve(A, Y, method: str = "auto", *, rcond: float = 1e-10, alpha: float = 0.
     t0 = time.perf_counter()
     A_in, Y_in = A, Y2
     eA = eY = 0
+    # one scan of an in-memory A gives each column's range: the scaling below and the
+    # merge of constant columns both read it
+    cols = (A.min(axis=0), A.max(axis=0)) if design.placement == "array" and not is_dask(A) \
+        else None
     if design.placement == "array":
         # Extreme scales (entries near 1e-200 or 1e200) are brought near 1 by exact powers
         # of two; features built by swimdist are bounded by their activations.
-        A, Y2, alpha, eA, eY = _rescale(A, Y2, alpha)
-    merge = _constant_columns(A) if design.placement == "array" and not is_dask(A) else None
+        A, Y2, alpha, eA, eY = _rescale(A, Y2, alpha, cols)
+    merge = None if cols is None else _constant_columns(A, *(np.ldexp(c, -eA) for c in cols))
     A_solve = A if merge is None else merge.merged(A)
     with keep_alive():  # constants and right-hand sides sent to the workers stay there
         res = fn(design.with_array(A_solve), Y2, rcond=rcond, alpha=alpha, **options)
@@ -232,13 +236,12 @@ class _ConstantMerge:
         return x
 
 
-def _constant_columns(A) -> _ConstantMerge | None:
-    """The merge of ``A``'s constant columns, or None when there is nothing to merge (at most
-    one constant column, not zero: the bias). One ``O(N n)`` scan; a copy of ``A`` only when
-    it finds some."""
+def _constant_columns(A, lo: np.ndarray, hi: np.ndarray) -> _ConstantMerge | None:
+    """The merge of ``A``'s constant columns (``lo``, ``hi``: its column minima and maxima),
+    or None when there is nothing to merge (at most one constant column, not zero: the
+    bias). A copy of ``A`` only when it finds some."""
     if A.shape[1] < 2:
         return None
-    lo, hi = A.min(axis=0), A.max(axis=0)
     const = lo == hi
     count = int(const.sum())
     if count == 0 or (count == 1 and not np.any(lo[const] == 0)) or count == A.shape[1]:
@@ -246,18 +249,19 @@ def _constant_columns(A) -> _ConstantMerge | None:
     return _ConstantMerge(const, lo[const])
 
 
-def _rescale(A, Y, alpha):
+def _rescale(A, Y, alpha, cols=None):
     """``(2^-eA A, 2^-eY Y, 2^-2eA alpha, eA, eY)`` with the exponents of
-    :func:`power_of_two_exponent` (0: left as they are; no copy)."""
-    def amax(a):
-        hi, lo = a.max(), a.min()  # no |a| temporary
+    :func:`power_of_two_exponent` (0: left as they are; no copy). ``cols``: ``A``'s column
+    minima and maxima when known."""
+    def amax(a, rng=None):
+        hi, lo = (a.max(), a.min()) if rng is None else (rng[1].max(), rng[0].min())
         if is_dask(hi):
             import dask
 
             hi, lo = dask.compute(hi, lo)
         return max(float(hi), -float(lo))
 
-    eA = power_of_two_exponent(amax(A), A.dtype)
+    eA = power_of_two_exponent(amax(A, cols), A.dtype)
     eY = power_of_two_exponent(amax(Y), np.float64)
     if eA:
         A = A * np.asarray(np.ldexp(1.0, -eA), dtype=A.dtype if A.dtype.kind == "f"
