@@ -40,12 +40,13 @@ def _forward(x: np.ndarray, params, columns, dtype, add_bias: bool) -> np.ndarra
     for li, layer in enumerate(params):
         if li == len(params) - 1 and columns is not None:
             layer = layer.columns(columns)
-        if li == len(params) - 1 and add_bias and np.dtype(dtype) == np.float64:
-            # The last layer goes straight into the block beside its bias column: no
-            # concatenated copy afterwards.
-            out = np.empty((z.shape[0], layer.width + 1))
-            layer.apply(z, out=out[:, :-1])
-            out[:, -1] = 1.0
+        if li == len(params) - 1 and (add_bias or np.dtype(dtype) != np.float64):
+            # The last layer goes straight into the block (in the output dtype) beside its
+            # bias column: no concatenated or converted copy afterwards.
+            out = np.empty((z.shape[0], layer.width + int(add_bias)), dtype=dtype)
+            layer.apply(z, out=out[:, :layer.width])
+            if add_bias:
+                out[:, -1] = 1.0
             return out
         z = layer.apply(z)
     if add_bias:

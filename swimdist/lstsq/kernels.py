@@ -16,9 +16,14 @@ import numpy as np
 
 #: Rows converted to float64 at a time when ``A`` is stored in another dtype.
 CONVERT_BYTES = 64 * 2**20
+#: Float64 bytes of a piece of rows in the thin products of a pass (``a^T (a P)`` with a few
+#: columns in ``P``): small enough that the piece, converted once, is still in the cache when
+#: the second product reads it, so a pass reads each row block from memory once.
+THIN_BYTES = 4 * 2**20
 _EPS = float(np.finfo(np.float64).eps)
 
-__all__ = ["CONVERT_BYTES", "accept_gain", "f64_pieces", "gram_upper", "verify_pass"]
+__all__ = ["CONVERT_BYTES", "THIN_BYTES", "accept_gain", "f64_pieces", "gram_upper",
+           "thin_pieces", "verify_pass"]
 
 
 def f64_pieces(a: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
@@ -29,6 +34,22 @@ def f64_pieces(a: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     rows = max(1, CONVERT_BYTES // max(1, 8 * a.shape[1]))
     for r in range(0, a.shape[0], rows):
         yield r, np.asarray(a[r : r + rows], dtype=np.float64)
+
+
+def thin_pieces(a: np.ndarray, nbytes: int = THIN_BYTES) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, rows as float64)`` pieces of about ``nbytes`` each, for products that read
+    each piece twice (``a P`` then ``a^T t``): float64 rows are views, other dtypes are
+    converted into one reused buffer (valid until the next piece is drawn)."""
+    rows = max(1, nbytes // max(1, 8 * a.shape[1]))
+    if a.dtype == np.float64:
+        for r in range(0, a.shape[0], rows):
+            yield r, a[r : r + rows]
+        return
+    buf = np.empty((min(rows, a.shape[0]), a.shape[1]))
+    for r in range(0, a.shape[0], rows):
+        k = min(rows, a.shape[0] - r)
+        np.copyto(buf[:k], a[r : r + k], casting="same_kind")
+        yield r, buf[:k]
 
 
 def gram_upper(a: np.ndarray, y: np.ndarray, tile: int) -> np.ndarray:

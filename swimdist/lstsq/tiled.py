@@ -53,7 +53,7 @@ from ..design import as_design, reduce_blocks, row_chunked, rows_like
 from ..exceptions import ConvergenceWarning, ValidationError
 from ..validation import check_nonnegative, check_positive_int
 from ._common import digest_array, is_dask
-from .kernels import f64_pieces
+from .kernels import CONVERT_BYTES, thin_pieces
 from .result import LstsqResult
 
 logger = logging.getLogger("swimdist.lstsq")
@@ -241,15 +241,18 @@ def blocked_cholesky(G: np.ndarray, block: int = 4000) -> np.ndarray:
 
 def _ne_pass(a: np.ndarray, P: np.ndarray, bias: int) -> np.ndarray:
     """``b^T (b P)`` for one row block ``b = [a, 1]`` (``bias`` = 1) or ``b = a``, in float64
-    (converted a slice of rows at a time; the bias column is never materialized)."""
+    (cache-sized pieces of rows, each converted once and read by both products while it is
+    in the cache; the bias column is never materialized)."""
     nf = a.shape[1]
     out = np.zeros((nf + bias, P.shape[1]))
-    for _, ab in f64_pieces(a):
-        t = ab @ P[:nf]
+    Pf, outT = np.ascontiguousarray(P[:nf]), out[:nf].T  # outT: Fortran (K, nf), a view
+    for _, ab in thin_pieces(a):
+        t = ab @ Pf
         if bias:
             t += P[nf]
             out[nf] += t.sum(axis=0)
-        out[:nf] += (t.T @ ab).T
+        # out^T += t^T ab in place (BLAS gemm, beta = 1): no (K, nf) temporary per piece
+        sla.blas.dgemm(1.0, t.T, ab.T, trans_b=1, beta=1.0, c=outT, overwrite_c=1)
     return out.ravel()
 
 
@@ -260,14 +263,68 @@ def _residual_pass(a: np.ndarray, y: np.ndarray, x: np.ndarray, bias: int) -> np
     n = nf + bias
     out = np.zeros(n * K + K)
     acc = out[:n * K].reshape(n, K)
-    for r, ab in f64_pieces(a):
-        res = np.asarray(y[r:r + ab.shape[0]], dtype=np.float64) - ab @ x[:nf]
+    accT, xf = acc[:nf].T, np.ascontiguousarray(x[:nf])
+    for r, ab in thin_pieces(a):
+        res = np.asarray(y[r:r + ab.shape[0]], dtype=np.float64) - ab @ xf
         if bias:
             res -= x[nf]
             acc[nf] += res.sum(axis=0)
-        acc[:nf] += (res.T @ ab).T
+        sla.blas.dgemm(1.0, res.T, ab.T, trans_b=1, beta=1.0, c=accT, overwrite_c=1)
         out[n * K:] += np.einsum("ij,ij->j", res, res)
     return out
+
+
+def _sketch_pass(a: np.ndarray, omega: np.ndarray, bias: int) -> np.ndarray:
+    """``b^T (b Omega)`` and ``||b||_F^2`` for one row block (``b`` as in :func:`_ne_pass`):
+    float32 products for a float32 block (the sketch only preconditions), accumulated in
+    float64 across pieces."""
+    nf, r = a.shape[1], omega.shape[1]
+    dt = np.dtype(np.float32 if a.dtype == np.float32 else np.float64)
+    gemm = sla.blas.sgemm if dt == np.float32 else sla.blas.dgemm
+    om = np.asarray(omega[:nf], dtype=dt)
+    accT = np.zeros((r, nf), dtype=dt, order="F")  # (nf, r) in C order, summed in place
+    out = np.zeros((nf + bias) * r + 1)
+    rows = max(1, CONVERT_BYTES // max(1, dt.itemsize * nf))
+    for r0 in range(0, a.shape[0], rows):
+        ab = np.ascontiguousarray(a[r0:r0 + rows], dtype=dt)
+        t = ab @ om
+        if bias:
+            t += np.asarray(omega[nf], dtype=dt)
+            out[nf * r:(nf + 1) * r] += t.sum(axis=0, dtype=np.float64)
+        gemm(1.0, t.T, ab.T, trans_b=1, beta=1.0, c=accT, overwrite_c=1)  # acc += ab^T t
+        out[-1] += float(np.linalg.norm(ab)) ** 2 + bias * ab.shape[0]
+    out[:nf * r] = accT.T.ravel()
+    return out
+
+
+class NystromPreconditioner:
+    """Randomized Nystrom preconditioner of ``G + mu I`` from ``Y = G Omega`` (Frangella,
+    Tropp and Udell, SIMAX 2023, Algorithms 2.1 and 5.1): ``G ~ U diag(lam) U^T`` of rank
+    ``r``, and ``P^{-1} = (lam_r + mu) U (lam + mu)^{-1} U^T + (I - U U^T)``.
+
+    Reused: QR, Cholesky, triangular solve and SVD from numpy / scipy.linalg; the formulas
+    are the paper's (no library provides the preconditioner).
+    """
+
+    def __init__(self, Y: np.ndarray, omega: np.ndarray, mu: float):
+        n = Y.shape[0]
+        nu = math.sqrt(n) * float(np.finfo(np.float32).eps) * float(np.linalg.norm(Y, 2))
+        Yn = Y + nu * omega
+        C = sla.cholesky(omega.T @ Yn + 0.0, lower=False, check_finite=False)
+        B = sla.solve_triangular(C, Yn.T, trans=1, lower=False, check_finite=False).T
+        U, S, _ = sla.svd(B, full_matrices=False, check_finite=False)
+        self.U = U
+        self.lam = np.maximum(S**2 - nu, 0.0)
+        self.mu = float(mu)
+
+    @property
+    def rank(self) -> int:
+        return int(self.lam.size)
+
+    def solve(self, R: np.ndarray) -> np.ndarray:
+        UR = self.U.T @ R
+        scale = (self.lam[-1] + self.mu) / (self.lam + self.mu)
+        return R + self.U @ ((scale[:, None] - 1.0) * UR)
 
 
 def _reduce(fn, A, others, consts, length):
@@ -275,14 +332,17 @@ def _reduce(fn, A, others, consts, length):
 
 
 def _store_pass_task(source, n_feat, r0, r1, rows, fn, Y, consts):
-    """Sum of ``fn(rows of H[, rows of Y], *consts)`` over rows ``[r0, r1)`` of the store."""
+    """Sum of ``fn(rows of H[, rows of Y], *consts)`` over rows ``[r0, r1)`` of the store
+    (read as views where the store maps its rows: the kernels convert cache-sized pieces
+    themselves, so a copy of every block would only add a pass through memory)."""
     read = source()
     out = None
     for a0 in range(r0, r1, rows):
         a1 = min(r1, a0 + rows)
-        args = (read(a0, a1, 0, n_feat),) if Y is None else (read(a0, a1, 0, n_feat),
-                                                              Y[a0 - r0:a1 - r0])
+        block = read(a0, a1, 0, n_feat, view=True)
+        args = (block,) if Y is None else (block, Y[a0 - r0:a1 - r0])
         part = fn(*args, *consts)
+        del block, args
         if out is None:
             out = part
         else:
@@ -399,88 +459,10 @@ def _gram_panels(A, Y, n, K, *, reader, tile, gdt, checkpoint):
     return panels, tiles, done
 
 
-def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
-                       tile: int | None = None, gram_dtype: str = "float64",
-                       ridge: float | None = None, precond_ridge: float | None = None,
-                       max_iter: int = 40, cg_tol: float | None = None,
-                       accept_tol: float = 1e-2,
-                       checkpoint_every: int = 5) -> LstsqResult:
-    """Memory-bounded normal equations: a panelled Gram matrix preconditions block CG.
-
-    Parameters
-    ----------
-    A : DesignMatrix, ndarray or dask array (N, n)
-        The design matrix ``[H, 1]``. When it lives in a feature store (its ``reader``),
-        panel tasks read their columns of ``H`` straight from the store on the workers and
-        the CG passes read ``H`` there too, adding the bias column's terms themselves;
-        otherwise a numpy ``A`` is read in place and a dask ``A``'s row blocks stream
-        through the client once. Its ``checkpoint`` keeps every panel (written by the task
-        that computed it) and the CG state every ``checkpoint_every`` steps, so that a solve
-        started again reuses the panels and continues from the last CG state.
-    Y : ndarray (N, K)
-    rcond : float
-        Relative singular-value cutoff, applied softly: the target ridge is
-        ``lam = max(alpha, (rcond sigma_max)^2)`` (a ridge ``lam`` damps the directions with
-        ``sigma < sqrt(lam)`` and keeps the others), ``sigma_max^2`` from a Lanczos estimate
-        on the Gram panels.
-    alpha : float
-        Tikhonov damping.
-    tile : int, optional
-        Rows per panel (at most 8000; default ``swimdist.gram-tile``, which an embedded
-        cluster's memory plan sets from the budget, else :data:`TILE`).
-    gram_dtype : {"float64", "float32"}
-        Precision of the panel products. float32 runs at twice the GEMM rate; CG recovers
-        float64 accuracy.
-    ridge : float, optional
-        Target ridge relative to ``trace(A^T A) / n``, in place of the one from ``rcond``.
-    precond_ridge : float, optional
-        Ridge of the factored preconditioner, relative to ``trace / n`` (default 1e-4 for
-        float32 panels, ``max(lam n / trace, 1e-12)`` for float64 ones). Raised tenfold (up to
-        three times) when the factorization finds the matrix not positive definite.
-    max_iter : int
-        Most CG steps (one pass over ``A`` each); reaching it warns with a
-        ``ConvergenceWarning``. ``max_iter = 0`` returns the preconditioner's solution.
-    cg_tol : float, optional
-        A fixed stop in place of the certificate: CG stops when every column ``k`` has
-        ``||A^T y_k - (A^T A + lam I) x_k|| <= cg_tol * ||A^T y_k||``.
-    accept_tol : float
-        The default stop, an error estimate: every PCG step ``j`` lowers the objective
-        ``f(x) = ||y - A x||^2 + lam ||x||^2`` by exactly ``alpha_j r_j^T z_j``, so what is
-        left, ``f(x_k) - f_min``, is the sum of the steps still to come (Hestenes and
-        Stiefel; Strakos and Tichy 2002). It is estimated from the last steps' geometric
-        decay, and CG stops when it is at most ``accept_tol^2 f(x_k)`` for every column (the
-        residual within about ``1 + accept_tol^2 / 2`` of the ridge problem's optimum, as
-        ``normal``'s certificate) or below the rounding of the products.
-    checkpoint_every : int
-        CG steps between saved states.
-    """
-    design = as_design(A)
-    A, checkpoint = design.array, design.checkpoint
-    reader = design.reader
-    t0 = time.perf_counter()
-    N, n = A.shape
-    Y = np.asarray(Y.compute() if is_dask(Y) else Y, dtype=np.float64)
-    if Y.ndim == 1:
-        Y = Y[:, None]
-    K = Y.shape[1]
-    if tile is None:
-        tile = int(config.get("gram-tile", None) or TILE)
-    if not 1 <= tile <= 8000:
-        raise ValidationError(f"tile must be between 1 and 8000 columns; got {tile}.")
-    if gram_dtype not in ("float64", "float32"):
-        raise ValidationError(f"gram_dtype must be float64 or float32; got {gram_dtype!r}.")
-    gdt = np.dtype(gram_dtype)
-    cg_tol = None if cg_tol is None else check_nonnegative(cg_tol, "cg_tol")
-    accept_tol = check_nonnegative(accept_tol, "accept_tol")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 0:
-        raise ValidationError(f"max_iter must be an integer >= 0; got {max_iter!r}.")
-    checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
-    ridge = None if ridge is None else check_nonnegative(ridge, "ridge")
-    precond_ridge = (None if precond_ridge is None
-                     else check_nonnegative(precond_ridge, "precond_ridge"))
-    if checkpoint is not None:
-        checkpoint.open({"solver": "normal-tiled", "N": N, "n": n, "K": K, "tile": int(tile),
-                         "gram_dtype": gdt.name, "y": digest_array(Y)})
+def _cholesky_preconditioner(A, Y, n, K, *, reader, tile, gdt, checkpoint, alpha, rcond,
+                             ridge, precond_ridge):
+    """The Gram matrix's panels, factored with the preconditioner's ridge (see
+    :func:`solve_normal_tiled`)."""
     panels, tiles, reused = _gram_panels(A, Y, n, K, reader=reader, tile=tile, gdt=gdt,
                                          checkpoint=checkpoint)
     t1 = time.perf_counter()
@@ -534,7 +516,111 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
                 panels[i][...] = fresh[i][:b - a, :n - a]
             del fresh
     t2 = time.perf_counter()
+    return chol, tiles, reused, AtY, lam, lam_p, lam_max, t1, t2
 
+
+
+def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
+                       tile: int | None = None, gram_dtype: str = "float64",
+                       ridge: float | None = None, precond_ridge: float | None = None,
+                       max_iter: int = 40, cg_tol: float | None = None,
+                       accept_tol: float = 1e-2,
+                       checkpoint_every: int = 5, preconditioner: str = "cholesky",
+                       rank: int = 1000, seed: int = 0) -> LstsqResult:
+    """Memory-bounded normal equations: a panelled Gram matrix preconditions block CG.
+
+    Parameters
+    ----------
+    A : DesignMatrix, ndarray or dask array (N, n)
+        The design matrix ``[H, 1]``. When it lives in a feature store (its ``reader``),
+        panel tasks read their columns of ``H`` straight from the store on the workers and
+        the CG passes read ``H`` there too, adding the bias column's terms themselves;
+        otherwise a numpy ``A`` is read in place and a dask ``A``'s row blocks stream
+        through the client once. Its ``checkpoint`` keeps every panel (written by the task
+        that computed it) and the CG state every ``checkpoint_every`` steps, so that a solve
+        started again reuses the panels and continues from the last CG state.
+    Y : ndarray (N, K)
+    rcond : float
+        Relative singular-value cutoff, applied softly: the target ridge is
+        ``lam = max(alpha, (rcond sigma_max)^2)`` (a ridge ``lam`` damps the directions with
+        ``sigma < sqrt(lam)`` and keeps the others), ``sigma_max^2`` from a Lanczos estimate
+        on the Gram panels.
+    alpha : float
+        Tikhonov damping.
+    tile : int, optional
+        Rows per panel (at most 8000; default ``swimdist.gram-tile``, which an embedded
+        cluster's memory plan sets from the budget, else :data:`TILE`).
+    gram_dtype : {"float64", "float32"}
+        Precision of the panel products. float32 runs at twice the GEMM rate; CG recovers
+        float64 accuracy.
+    ridge : float, optional
+        Target ridge relative to ``trace(A^T A) / n``, in place of the one from ``rcond``.
+    precond_ridge : float, optional
+        Ridge of the factored preconditioner, relative to ``trace / n`` (default 1e-4 for
+        float32 panels, ``max(lam n / trace, 1e-12)`` for float64 ones). Raised tenfold (up to
+        three times) when the factorization finds the matrix not positive definite.
+    max_iter : int
+        Most CG steps (one pass over ``A`` each); reaching it warns with a
+        ``ConvergenceWarning``. ``max_iter = 0`` returns the preconditioner's solution.
+    cg_tol : float, optional
+        A fixed stop in place of the certificate: CG stops when every column ``k`` has
+        ``||A^T y_k - (A^T A + lam I) x_k|| <= cg_tol * ||A^T y_k||``.
+    accept_tol : float
+        The default stop, an error estimate: every PCG step ``j`` lowers the objective
+        ``f(x) = ||y - A x||^2 + lam ||x||^2`` by exactly ``alpha_j r_j^T z_j``, so what is
+        left, ``f(x_k) - f_min``, is the sum of the steps still to come (Hestenes and
+        Stiefel; Strakos and Tichy 2002). It is estimated from the last steps' geometric
+        decay, and CG stops when it is at most ``accept_tol^2 f(x_k)`` for every column (the
+        residual within about ``1 + accept_tol^2 / 2`` of the ridge problem's optimum, as
+        ``normal``'s certificate) or below the rounding of the products.
+    checkpoint_every : int
+        CG steps between saved states.
+    preconditioner : {"cholesky", "nystrom"}
+        ``"cholesky"``: the panelled Gram matrix, factored. ``"nystrom"``: never forms the
+        Gram matrix; one pass sketches ``A^T A Omega`` with ``rank`` Gaussian columns and
+        CG runs with the randomized Nystrom preconditioner of that sketch (Frangella, Tropp
+        and Udell, SIMAX 2023): ``4 N n rank`` flops in place of the Gram matrix's
+        ``N n^2``, but CG needs more steps the more of ``A``'s spectrum lies between the
+        sketch's smallest eigenvalue and the ridge.
+    rank : int
+        Sketch size of the Nystrom preconditioner.
+    seed : int
+        Seed of its Gaussian test matrix.
+    """
+    design = as_design(A)
+    A, checkpoint = design.array, design.checkpoint
+    reader = design.reader
+    t0 = time.perf_counter()
+    N, n = A.shape
+    Y = np.asarray(Y.compute() if is_dask(Y) else Y, dtype=np.float64)
+    if Y.ndim == 1:
+        Y = Y[:, None]
+    K = Y.shape[1]
+    if tile is None:
+        tile = int(config.get("gram-tile", None) or TILE)
+    if not 1 <= tile <= 8000:
+        raise ValidationError(f"tile must be between 1 and 8000 columns; got {tile}.")
+    if gram_dtype not in ("float64", "float32"):
+        raise ValidationError(f"gram_dtype must be float64 or float32; got {gram_dtype!r}.")
+    gdt = np.dtype(gram_dtype)
+    if preconditioner not in ("cholesky", "nystrom"):
+        raise ValidationError("preconditioner must be 'cholesky' or 'nystrom'; got "
+                              f"{preconditioner!r}.")
+    rank = check_positive_int(rank, "rank")
+    cg_tol = None if cg_tol is None else check_nonnegative(cg_tol, "cg_tol")
+    accept_tol = check_nonnegative(accept_tol, "accept_tol")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 0:
+        raise ValidationError(f"max_iter must be an integer >= 0; got {max_iter!r}.")
+    checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
+    ridge = None if ridge is None else check_nonnegative(ridge, "ridge")
+    precond_ridge = (None if precond_ridge is None
+                     else check_nonnegative(precond_ridge, "precond_ridge"))
+    if checkpoint is not None:
+        meta = {"solver": "normal-tiled", "N": N, "n": n, "K": K, "tile": int(tile),
+                "gram_dtype": gdt.name, "y": digest_array(Y)}
+        if preconditioner != "cholesky":
+            meta.update(preconditioner=preconditioner, rank=int(rank), seed=int(seed))
+        checkpoint.open(meta)
     passes = None
     if reader is not None:
         # CG passes read H from the store and add the bias column's terms themselves: no
@@ -552,6 +638,34 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
         if passes is not None:
             return passes(fn, with_y, consts)
         return _reduce(fn, A_, (Yd,) if with_y else (), consts, length)
+
+    if preconditioner == "nystrom":
+        r_ = min(rank, n)
+        omega = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, r_)))[0]
+        with progress.stage("nystrom sketch", total=1, unit="passes") as st:
+            flat = run_pass(_sketch_pass, False, (np.ascontiguousarray(omega), pbias),
+                            n * r_ + 1)
+            st.update(1)
+        t1 = time.perf_counter()
+        scale = float(flat[-1]) / n if n else 1.0
+        Ysk = flat[:-1].reshape(n, r_)
+        del flat
+        nys = NystromPreconditioner(Ysk, omega, 0.0)
+        del Ysk, omega
+        lam_max = float(nys.lam[0]) if nys.rank else 0.0
+        if ridge is None:
+            lam = max(float(alpha), (float(rcond) ** 2) * lam_max)
+        else:
+            lam = max(float(alpha), float(ridge) * scale)
+        nys.mu = lam_p = max(lam, 1e-300)
+        precond, tiles, reused, AtY = nys, [], 0, None
+        t2 = time.perf_counter()
+        logger.info("normal-tiled: Nystrom preconditioner of rank %d, eigenvalues %.2e .. "
+                    "%.2e", nys.rank, lam_max, float(nys.lam[-1]) if nys.rank else 0.0)
+    else:
+        precond, tiles, reused, AtY, lam, lam_p, lam_max, t1, t2 = _cholesky_preconditioner(
+            A, Y, n, K, reader=reader, tile=tile, gdt=gdt, checkpoint=checkpoint, alpha=alpha,
+            rcond=rcond, ridge=ridge, precond_ridge=precond_ridge)
 
     def ne(P):  # (A^T A + lam) P, one pass
         flat = run_pass(_ne_pass, False, (np.ascontiguousarray(P), pbias), n * K)
@@ -574,15 +688,17 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
         resumed = it
         logger.info("normal-tiled: CG resumed at step %d", it)
     else:
-        x = chol.solve(AtY)
+        x = precond.solve(AtY) if AtY is not None else np.zeros((n, K))
         # r = A^T (Y - A x) - lam x in float64: the first pass also gives the true A^T Y
         flat = run_pass(_residual_pass, True, (np.ascontiguousarray(x), pbias), n * K + K)
+        if AtY is None:
+            AtY = flat[:n * K].reshape(n, K).copy()
         r = flat[:n * K].reshape(n, K) - lam * x
         # the objective ||Y - A x||^2 + lam ||x||^2 per column, lowered by every step
         fval = flat[n * K:] + lam * np.einsum("ij,ij->j", x, x)
         terms = []
         bnorm = np.linalg.norm(AtY, axis=0)
-        z = chol.solve(r)
+        z = precond.solve(r)
         p, rz, it = z, np.einsum("ij,ij->j", r, z), 0
         history.append(float(np.max(np.linalg.norm(r, axis=0) / np.maximum(bnorm, 1e-300))))
     # rounding floor of the products (accept_gain's): a smaller step is noise
@@ -626,7 +742,7 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
             gain = step * rz  # f(x_j) - f(x_{j+1})
             fval = fval - gain
             terms.append(gain)
-            z = chol.solve(r)
+            z = precond.solve(r)
             rz_new = np.einsum("ij,ij->j", r, z)
             p = z + np.where(rz > 0, rz_new / np.where(rz > 0, rz, 1.0), 0.0) * p
             rz = rz_new
@@ -658,11 +774,14 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
     res = LstsqResult(
         solution=x, method="normal-tiled", rank=None, iterations=it,
         residual_history=list(history),
-        timings={"gram": t1 - t0, "factor": t2 - t1, "cg": t3 - t2},
+        timings={"sketch" if preconditioner == "nystrom" else "gram": t1 - t0,
+                 "factor": t2 - t1, "cg": t3 - t2},
         info={"ridge": lam, "precond_ridge": lam_p, "tiles": len(tiles),
               "panels": len(tiles), "panels_reused": reused, "gram_dtype": gdt.name,
               "cg_converged": converged, "cg_resumed_at": resumed, "sigma_max": sig,
-              "stop": "cg_tol" if cg_tol is not None else "accept_tol"},
+              "stop": "cg_tol" if cg_tol is not None else "accept_tol",
+              "preconditioner": preconditioner,
+              **({"rank": precond.rank} if preconditioner == "nystrom" else {})},
     )
     res.converged = converged or max_iter == 0
     res.residual_norm = np.sqrt(np.maximum(rsq, 0.0))

@@ -149,9 +149,10 @@ class ZarrBackend:
         return self._features()[r0:r1, :]
 
     def reader(self):
-        """A function ``(r0, r1, c0, c1) -> block`` reading from one open array."""
+        """A function ``(r0, r1, c0, c1, view=False) -> block`` reading from one open array
+        (``view`` is the memory-map form of the npy store; a zarr read always decodes)."""
         arr = self._features()
-        return lambda r0, r1, c0, c1: arr[r0:r1, c0:c1]
+        return lambda r0, r1, c0, c1, view=False: arr[r0:r1, c0:c1]
 
     def write_rows(self, r0: int, h: np.ndarray) -> None:
         """Write ``h`` as the rows from ``r0`` on."""
@@ -244,13 +245,17 @@ class NpyBackend:
         return np.array(np.load(self._p("features.npy"), mmap_mode="r")[r0:r1])
 
     def reader(self):
-        """A function ``(r0, r1, c0, c1) -> block`` reading from one memory map."""
+        """A function ``(r0, r1, c0, c1, view=False) -> block`` reading from one memory map.
+
+        A copy by default; ``view=True`` returns the mapped rows themselves (no copy: the map
+        is released with the last reference to the view, so the caller drops it before the
+        next read and mapped pages never pile up in the worker's RSS)."""
         path = self._p("features.npy")
 
-        def read(r0, r1, c0, c1):
+        def read(r0, r1, c0, c1, view=False):
             m = np.load(path, mmap_mode="r")
-            out = np.array(m[r0:r1, c0:c1])
-            del m  # unmap: mapped pages must not pile up in the worker's RSS
+            out = m[r0:r1, c0:c1] if view else np.array(m[r0:r1, c0:c1])
+            del m  # unmap (a view keeps only its own rows' map alive)
             return out
 
         return read
@@ -259,7 +264,10 @@ class NpyBackend:
         """Write ``h`` as the rows from ``r0`` on."""
         m = np.load(self._p("features.npy"), mmap_mode="r+")
         m[r0:r0 + h.shape[0]] = h
-        m.flush()
+        # no msync: the rows are in the page cache, which outlives this process; a block
+        # lost to a machine crash fails its checksum when the store is opened again and is
+        # generated again (build_store verifies every block it reuses)
+        del m
 
     def array(self, rows: int) -> da.Array:
         """The features as a dask array of row blocks."""
