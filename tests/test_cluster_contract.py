@@ -438,3 +438,17 @@ def test_daskjob_job_uses_dask_scheduler_address(cluster, tmp_path):
     env = base_env(**container_env(c, "runner"), DASK_SCHEDULER_ADDRESS=address)
     res = run_train([*executable("swimdist"), *args[1:]], env, tmp_path)
     assert check_trained_model(output, res)["scheduler"] == address
+
+
+def test_embedded_workers_keep_glibc_malloc_tuning():
+    # distributed's MALLOC_TRIM_THRESHOLD_ would make every block-sized temporary a fresh
+    # mapping in the workers
+    from swimdist.cluster import connect
+
+    client, cluster = connect(n_workers=1, memory_limit="1GB")
+    try:
+        got = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+        assert list(got.values()) == [None]
+    finally:
+        client.close()
+        cluster.close()

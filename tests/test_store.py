@@ -282,3 +282,28 @@ def test_write_atomic_failure_keeps_the_old_file_and_leaves_no_temporary(tmp_pat
     write_atomic(str(path), lambda f: f.write(b"new content"))
     assert path.read_bytes() == b"new content"
     assert os.listdir(tmp_path) == ["model.npz"]
+
+
+def test_npy_reader_reuses_its_buffer_and_refuses_a_truncated_file(tmp_path):
+    from swimdist.store.backends import NpyBackend
+
+    rng = np.random.default_rng(0)
+    H = rng.standard_normal((50, 7)).astype(np.float32)
+    b = NpyBackend(str(tmp_path / "s"))
+    b.create(H.shape, 10, 5, np.float32, {"format": "swimdist.feature-store"})
+    b.write_rows(0, H)
+    read = b.reader()
+    v1 = read(0, 10, 0, 7, view=True)
+    np.testing.assert_array_equal(v1, H[:10])
+    v2 = read(10, 20, 2, 5, view=True)  # a column range of the same buffer
+    np.testing.assert_array_equal(v2, H[10:20, 2:5])
+    assert np.shares_memory(v1, v2)  # valid until the next read, as documented
+    copy = read(40, 50, 0, 7)
+    np.testing.assert_array_equal(copy, H[40:])
+    assert not np.shares_memory(copy, v1)
+    np.testing.assert_array_equal(b.read_rows(5, 15), H[5:15])
+    path = tmp_path / "s" / "features.npy"
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) - 7 * 4 * 3])  # three rows short
+    with pytest.raises(StoreError, match="damaged"):
+        b.reader()(40, 50, 0, 7)

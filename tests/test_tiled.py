@@ -227,3 +227,54 @@ def test_ridge_follows_the_rcond_cutoff():
     np.testing.assert_allclose(c[keep], c_ref[keep], rtol=1e-2)
     # the damped ones (s <= 1e-5) hardly move
     assert np.all(np.abs(c[s <= 1e-5]) <= 0.1 * np.abs(c_ref[s <= 1e-5]))
+
+
+@pytest.mark.parametrize("rank", [20, 60])
+def test_nystrom_preconditioned_cg_reaches_the_ridge_optimum(rank):
+    # never forms the Gram matrix: one sketch pass, then CG with the Nystrom preconditioner
+    p = make_lstsq_problem(2000, 60, cond=1e4, n_rhs=2, noise=0.05, seed=4)
+    A, Y, alpha = p["A"], p["Y"], 1e-6
+    n = A.shape[1]
+    ref = np.linalg.solve(A.T @ A + alpha * np.eye(n), A.T @ Y)
+    r = solve(A, Y, method="normal-tiled", preconditioner="nystrom", rank=rank, alpha=alpha,
+              cg_tol=1e-10, max_iter=300)
+    assert r.info["preconditioner"] == "nystrom" and r.info["rank"] == rank
+    assert r.info["cg_converged"]
+
+    def objective(x):
+        return np.sum((Y - A @ x) ** 2) + alpha * np.sum(x**2)
+
+    assert objective(r.solution) <= (1 + 1e-8) * objective(ref)
+    np.testing.assert_allclose(A @ r.solution, A @ ref, atol=1e-6 * np.abs(A @ ref).max())
+
+
+def test_nystrom_rank_covering_the_spectrum_needs_few_steps():
+    p = make_lstsq_problem(1500, 40, cond=1e6, n_rhs=1, seed=5)
+    few = solve(p["A"], p["Y"], method="normal-tiled", preconditioner="nystrom", rank=40,
+                alpha=1e-8, cg_tol=1e-8, max_iter=200)
+    low = solve(p["A"], p["Y"], method="normal-tiled", preconditioner="nystrom", rank=5,
+                alpha=1e-8, cg_tol=1e-8, max_iter=200)
+    assert few.info["cg_converged"] and few.iterations < low.iterations
+
+
+def test_fast_pass_kernels_agree_with_dense_products():
+    from swimdist.lstsq.tiled import _ne_pass, _residual_pass, _sketch_pass
+
+    rng = np.random.default_rng(6)
+    for dtype in (np.float32, np.float64):
+        a = rng.standard_normal((333, 57)).astype(dtype)
+        b = np.c_[a.astype(np.float64), np.ones(333)]
+        P, y = rng.standard_normal((58, 3)), rng.standard_normal((333, 3))
+        np.testing.assert_allclose(_ne_pass(a, P, 1).reshape(58, 3), b.T @ (b @ P),
+                                   rtol=1e-12, atol=1e-9)
+        out = _residual_pass(a, y, P, 1)
+        res = y - b @ P
+        np.testing.assert_allclose(out[:58 * 3].reshape(58, 3), b.T @ res, rtol=1e-12,
+                                   atol=1e-9)
+        np.testing.assert_allclose(out[58 * 3:], np.sum(res**2, axis=0), rtol=1e-12)
+        om = rng.standard_normal((58, 4))
+        sk = _sketch_pass(a, om, 1)
+        tol = 1e-4 if dtype == np.float32 else 1e-12  # float32 products for a float32 block
+        np.testing.assert_allclose(sk[:-1].reshape(58, 4), b.T @ (b @ om), rtol=tol,
+                                   atol=tol * np.abs(b.T @ (b @ om)).max())
+        np.testing.assert_allclose(sk[-1], np.sum(b**2), rtol=1e-5)

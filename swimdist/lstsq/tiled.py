@@ -84,19 +84,25 @@ def _tiles(n: int, tile: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
 
-def _columns(read, Y, n_feat: int, bias: int, r0: int, r1: int, c0: int, c1: int,
-             dtype) -> np.ndarray:
-    """Columns ``[c0, c1)`` of ``B = [H, 1, Y]`` (``bias`` = 1) or ``[H, Y]`` (``bias`` = 0)
-    for rows ``[r0, r1)``."""
-    parts = []
+def _columns(read, Y, n_feat: int, bias: int, r0: int, r1: int, c0: int, out: np.ndarray
+             ) -> np.ndarray:
+    """Columns ``[c0, c0 + out.shape[1])`` of ``B = [H, 1, Y]`` (``bias`` = 1) or ``[H, Y]``
+    (``bias`` = 0) for rows ``[r0, r1)``, written into ``out[:r1 - r0]`` (a buffer the
+    caller reuses for every row block: a new array per block cost more in first-touch page
+    faults than the copy itself)."""
+    k, c1 = r1 - r0, c0 + out.shape[1]
+    blk = out[:k]
     if c0 < n_feat:
-        parts.append(np.asarray(read(r0, r1, c0, min(c1, n_feat)), dtype=dtype))
+        # view=True: the store's reused read buffer (valid until its next read)
+        np.copyto(blk[:, :min(c1, n_feat) - c0], read(r0, r1, c0, min(c1, n_feat), view=True),
+                  casting="same_kind")
     if bias and c0 <= n_feat < c1:
-        parts.append(np.ones((r1 - r0, 1), dtype=dtype))
+        blk[:, n_feat - c0] = 1.0
     y0 = n_feat + bias
     if c1 > y0:
-        parts.append(np.asarray(Y[r0:r1, max(c0, y0) - y0:c1 - y0], dtype=dtype))
-    return parts[0] if len(parts) == 1 else np.ascontiguousarray(np.concatenate(parts, axis=1))
+        np.copyto(blk[:, max(c0, y0) - c0:], Y[r0:r1, max(c0, y0) - y0:c1 - y0],
+                  casting="same_kind")
+    return blk
 
 
 def _panel_task(source, Y, n_feat, bias, N, rows, p, width, gram_dtype, out=None):
@@ -108,14 +114,15 @@ def _panel_task(source, Y, n_feat, bias, N, rows, p, width, gram_dtype, out=None
     there (atomically) and the path returned instead of the array.
     """
     read = source() if callable(source) and not isinstance(source, np.ndarray) else (
-        lambda r0, r1, c0, c1: source[r0:r1, c0:c1])
+        lambda r0, r1, c0, c1, view=False: source[r0:r1, c0:c1])
     dt = np.dtype(gram_dtype)
     gemm = sla.blas.sgemm if dt == np.float32 else sla.blas.dgemm
     p0, p1 = p
     acc = np.zeros((p1 - p0, width - p0), dtype=dt)
+    buf = np.empty((min(rows, N), width - p0), dtype=dt)
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
-        bq = _columns(read, Y, n_feat, bias, r0, r1, p0, width, dt)  # (rows, width - p0)
+        bq = _columns(read, Y, n_feat, bias, r0, r1, p0, buf)  # (r1 - r0, width - p0)
         bp = bq[:, :p1 - p0]
         # acc^T (F-order) += bq^T bp: bq.T is Fortran-contiguous as it stands.
         gemm(1.0, bq.T, bp, beta=1.0, c=acc.T, overwrite_c=1)
@@ -131,6 +138,9 @@ class PanelCholesky:
     """Upper Cholesky factor of a symmetric matrix held as row panels of its upper triangle.
 
     ``panels[k]`` holds rows ``tiles[k]`` and columns ``tiles[k][0]:`` (float64, C order).
+    (A float32 factor was tried: half the memory and time, but its rounding, about
+    eps32 ||G|| and so above the preconditioner's ridge, slowed CG down on ill-conditioned
+    tests, and a slightly inexact preconditioner stalls CG near float32's resolution.)
     :meth:`factor` overwrites them with ``R`` (``G = R^T R``); :meth:`solve` applies
     ``G^{-1}``. Memory: about ``n^2 / 2`` numbers, half of LAPACK's full square.
     """
@@ -333,8 +343,8 @@ def _reduce(fn, A, others, consts, length):
 
 def _store_pass_task(source, n_feat, r0, r1, rows, fn, Y, consts):
     """Sum of ``fn(rows of H[, rows of Y], *consts)`` over rows ``[r0, r1)`` of the store
-    (read as views where the store maps its rows: the kernels convert cache-sized pieces
-    themselves, so a copy of every block would only add a pass through memory)."""
+    (into the store's reused read buffer where it has one: the kernels convert cache-sized
+    pieces themselves, so a new array per block would only add a pass through memory)."""
     read = source()
     out = None
     for a0 in range(r0, r1, rows):
