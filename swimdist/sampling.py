@@ -119,6 +119,25 @@ def _gather_rows(X, idx: np.ndarray) -> np.ndarray:
     return np.asarray(X[idx], dtype=np.float64)
 
 
+#: Most bytes of candidate rows the client holds at once when X is out of core (a dask
+#: array): the candidate pool is read in slices of this size.
+CANDIDATE_BYTES = 64 * 2**20
+
+
+def _rows_of(X, layers: list[Layer], li: int, i_from: np.ndarray, i_to: np.ndarray,
+             in_memory: bool):
+    """``(Z, pos_from, pos_to)``: layer ``li``'s inputs at the rows of the pairs
+    ``(i_from, i_to)``, with ``Z[pos_from]`` / ``Z[pos_to]`` the pairs' rows; only those
+    rows of ``X`` are read (``in_memory``: ``X`` itself, no copy)."""
+    if in_memory:
+        return X, i_from, i_to
+    rows = np.unique(np.concatenate([i_from, i_to]))
+    Z = _gather_rows(X, rows)
+    for prev in layers:
+        Z = prev.apply(Z)
+    return Z, np.searchsorted(rows, i_from), np.searchsorted(rows, i_to)
+
+
 def sample_layers(X, Y: np.ndarray | None, hidden_layer_sizes, *, activation: str = "tanh",
                   sampler: str = "swim", classification: bool = False, seed: int = 0,
                   replace: bool = True, max_candidates: int = 1_000_000) -> list[Layer]:
@@ -175,22 +194,22 @@ def _sample_layer(X, Y, layers: list[Layer], li: int, width: int, *, activation,
         _, first = np.unique(i_from.astype(np.int64) * n + i_to, return_index=True)
         first.sort()
         i_from, i_to = i_from[first], i_to[first]
-    if li == 0 and isinstance(X, np.ndarray) and X.dtype == np.float64:
-        Z, pos_from, pos_to = X, i_from, i_to  # no copy of the drawn rows
-    else:
-        rows = np.unique(np.concatenate([i_from, i_to]))
-        Z = _gather_rows(X, rows)
-        for prev in layers:
-            Z = prev.apply(Z)
-        pos_from = np.searchsorted(rows, i_from)
-        pos_to = np.searchsorted(rows, i_to)
-    # Distances in slices of candidates: row norms do not depend on the slicing, and
-    # no (candidates x d) difference matrix is ever whole.
-    dist = np.empty(len(pos_from))
-    for c in range(0, len(pos_from), 8192):
-        dz = Z[pos_to[c:c + 8192]] - Z[pos_from[c:c + 8192]]
-        dist[c:c + 8192] = np.maximum(np.linalg.norm(dz, axis=1), DIST_MIN)
-    del dz
+    in_memory = li == 0 and isinstance(X, np.ndarray) and X.dtype == np.float64
+    # Out of core (X a dask array: Zarr, HDF5, npy files), the candidates' rows are read in
+    # slices of candidates whose rows take at most CANDIDATE_BYTES, their distances kept
+    # and the rows dropped: the client never holds more than one slice of X's rows.
+    step = (len(i_from) if in_memory
+            else max(1, CANDIDATE_BYTES // (16 * max(X.shape[1], d_in))))
+    dist = np.empty(len(i_from))
+    for s0 in range(0, len(i_from), step):
+        f, t = i_from[s0:s0 + step], i_to[s0:s0 + step]
+        Z, pos_from, pos_to = _rows_of(X, layers, li, f, t, in_memory)
+        # Distances in slices of candidates: row norms do not depend on the slicing, and
+        # no (candidates x d) difference matrix is ever whole.
+        for c in range(0, len(pos_from), 8192):
+            dz = Z[pos_to[c:c + 8192]] - Z[pos_from[c:c + 8192]]
+            dist[s0 + c:s0 + c + 8192] = np.maximum(np.linalg.norm(dz, axis=1), DIST_MIN)
+        del Z, dz
     dy = None
     if Y is not None:
         if classification:
@@ -204,7 +223,8 @@ def _sample_layer(X, Y, layers: list[Layer], li: int, width: int, *, activation,
             "pairs have nonzero probability. Use replace=True or fewer neurons."
         )
     sel = rng.choice(dist.shape[0], size=width, replace=replace, p=p)
-    W, b = pairs_to_weights(Z[pos_from[sel]], Z[pos_to[sel]], activation)
+    Z, pos_from, pos_to = _rows_of(X, layers, li, i_from[sel], i_to[sel], in_memory)
+    W, b = pairs_to_weights(Z[pos_from], Z[pos_to], activation)
     logger.info("layer %d: %d neurons from %d candidate pairs", li, width, n_cand)
     return Layer(W, b, activation, i_from[sel], i_to[sel])
 
