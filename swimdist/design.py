@@ -322,7 +322,8 @@ def row_blocks(X, rows: int) -> da.Array:
 
 
 def placement_costs(N: int, d: int, layers, dtype, passes: int, root: str, *,
-                    x_itemsize: int = 8, threads: int | None = None) -> dict[str, float]:
+                    x_itemsize: int = 8, threads: int | None = None,
+                    rates=None) -> dict[str, float]:
     """Predicted seconds of the feature work of a fit that makes ``passes`` passes over ``A``,
     with ``A`` written to a temporary store under ``root`` (``"store"``) or generated again
     from ``X`` for every pass (``"regenerate"``).
@@ -341,7 +342,7 @@ def placement_costs(N: int, d: int, layers, dtype, passes: int, root: str, *,
     """
     from .lstsq.costs import disk_rates, machine_rates
 
-    rates = machine_rates()
+    rates = rates or machine_rates()
     if threads is None:
         client = current_client()
         threads = (sum(client.nthreads().values()) if client is not None
@@ -356,11 +357,19 @@ def placement_costs(N: int, d: int, layers, dtype, passes: int, root: str, *,
             "write": nbytes / write}
 
 
-def choose_placement(X, layers, *, dtype, passes: int | None) -> tuple[str, str, dict]:
+def choose_placement(X, layers, *, dtype, passes: int | None,
+                     rates=None) -> tuple[str, str, dict]:
     """``("temporary" | "regenerate", reason, costs)`` for a fit whose ``A`` does not stay in
     memory: the cheaper of the two by :func:`placement_costs`, unless the solver needs a
-    stored ``A`` (``passes`` None) or ``swimdist.placement`` says otherwise."""
+    stored ``A`` (``passes`` None) or ``swimdist.placement`` says otherwise.
+
+    Until this machine's rates are measured (by a larger problem), a problem whose features
+    take fewer than :data:`.lstsq.auto.CALIBRATION_FLOPS` flops is regenerated: that takes
+    less time than measuring the rates would.
+    """
     from . import config
+    from .lstsq.auto import CALIBRATION_FLOPS
+    from .lstsq.costs import rates_known
     from .store.build import temporary_root
 
     forced = config.get("placement", "auto")
@@ -372,8 +381,13 @@ def choose_placement(X, layers, *, dtype, passes: int | None) -> tuple[str, str,
                 f"swimdist.placement={forced}", {})
     if passes is None:
         return "temporary", "the solver reads columns of A from a store", {}
-    costs = placement_costs(X.shape[0], X.shape[1], layers, dtype, passes, temporary_root(),
-                            x_itemsize=np.dtype(X.dtype).itemsize)
+    N, dims = X.shape[0], (X.shape[1], *(layer.width for layer in layers))
+    flops = sum(N * m * (2 * d_in + 1) for d_in, m in zip(dims[:-1], dims[1:], strict=True))
+    if rates is None and flops <= CALIBRATION_FLOPS and not rates_known():
+        return "regenerate", (f"A is small ({flops:.2g} flops to generate); regenerating "
+                              "takes less than measuring the rates"), {}
+    costs = placement_costs(N, X.shape[1], layers, dtype, passes, temporary_root(),
+                            x_itemsize=np.dtype(X.dtype).itemsize, rates=rates)
     place = "regenerate" if costs["regenerate"] <= costs["store"] else "temporary"
     reason = (f"{passes} pass(es) over A ({X.shape[0]} x {layers[-1].width}): regenerating "
               f"from X {costs['regenerate']:.3g} s, a temporary store {costs['store']:.3g} s "

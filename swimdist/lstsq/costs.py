@@ -94,8 +94,8 @@ class Rates:
     sketch: dict[str, float] = field(default_factory=dict)
     #: Seconds per element of each activation function, one thread (measured on first use).
     activation: dict[str, float] = field(default_factory=dict)
-    #: Feature-store directory -> [read, write] bytes per second of its disk (measured on
-    #: first use; reads after the written pages are dropped from the page cache).
+    #: File system ("device <st_dev>") -> [read, write] bytes per second of its disk
+    #: (measured on first use; reads after the written pages are dropped from the cache).
     disk: dict[str, list[float]] = field(default_factory=dict)
     key: str = ""
 
@@ -240,9 +240,13 @@ def disk_rates(root: str, rates: Rates | None = None) -> tuple[float, float]:
         r, w = (float(v) for v in os.environ["SWIMDIST_DISK_RATES"].split(","))
         return r, w
     rates = rates or machine_rates()
-    key = os.path.abspath(root)
+    root = os.path.abspath(root)
+    probe = root
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    key = f"device {os.stat(probe).st_dev}"  # one measurement per file system, not per path
     if key not in rates.disk:
-        rates.disk[key] = _time_disk(key)
+        rates.disk[key] = _time_disk(root)
         logger.info("costs: disk under %s reads %.0f MB/s, writes %.0f MB/s", key,
                     rates.disk[key][0] / 1e6, rates.disk[key][1] / 1e6)
         _save(rates)
