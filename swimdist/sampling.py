@@ -208,7 +208,7 @@ def _sample_layer(X, Y, layers: list[Layer], li: int, width: int, *, activation,
         # no (candidates x d) difference matrix is ever whole.
         for c in range(0, len(pos_from), 8192):
             dz = Z[pos_to[c:c + 8192]] - Z[pos_from[c:c + 8192]]
-            dist[s0 + c:s0 + c + 8192] = np.maximum(np.linalg.norm(dz, axis=1), DIST_MIN)
+            dist[s0 + c:s0 + c + len(dz)] = np.maximum(np.linalg.norm(dz, axis=1), DIST_MIN)
         del Z, dz
     dy = None
     if Y is not None:
