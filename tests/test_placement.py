@@ -216,6 +216,9 @@ def test_out_of_core_sampling_reads_candidates_in_slices(monkeypatch):
 
     X, y = _problem(n=5000, d=3, seed=3)
     ref = sample_layers(X, y[:, None], (30, 20), seed=4)
+    one = sample_layers(da.from_array(X, chunks=(600, 3)), y[:, None], (30, 20), seed=4)
+    for a, b in zip(ref, one, strict=True):  # one slice: its rows give the chosen pairs'
+        np.testing.assert_array_equal(a.weights, b.weights)
     calls = []
     real = sampling._gather_rows
 
@@ -223,7 +226,7 @@ def test_out_of_core_sampling_reads_candidates_in_slices(monkeypatch):
         calls.append(len(idx))
         return real(Xd, idx)
 
-    monkeypatch.setattr(sampling, "CANDIDATE_BYTES", 16 * 3 * 700)  # 700 pairs a slice
+    monkeypatch.setattr(sampling, "candidate_bytes", lambda: 16 * 3 * 700)  # 700 a slice
     monkeypatch.setattr(sampling, "_gather_rows", counted)
     got = sample_layers(da.from_array(X, chunks=(600, 3)), y[:, None], (30, 20), seed=4)
     assert len(calls) >= 8 and max(calls) <= 1400
