@@ -17,6 +17,13 @@ Every solver's time is modelled from the operations it performs, each with its o
 ``eigh(n)``, ``svd(n)``
     ``t n^3`` with ``t`` measured.
 
+``features(N, dims, activation)``
+    Generating feature blocks from ``X``: ``2 N d_in M`` flops per layer at the product rate
+    and ``N M`` activations at the activation's measured one-thread rate, spread over the
+    worker threads (:func:`swimdist.design.placement_costs` weighs it against writing the
+    features to disk once and reading them back every pass, at the rates
+    :func:`disk_rates` measures on the store's file system).
+
 A pass over a dask array adds the per-task overhead (about a millisecond a task on
 distributed's scheduler) and, for gelsd on a cluster, the gather of ``A`` to the client
 (bytes over the scheduler's measured bandwidth).
@@ -24,7 +31,9 @@ distributed's scheduler) and, for gelsd on a cluster, the gather of ``A`` to the
 Rates are measured once per machine (about three seconds on two cores: gelsd, eigh, SVD, a sparse
 sketch and matrix products at ``n = 256`` and ``1024``, with BLAS on every core) and cached
 in ``$XDG_CACHE_HOME/swimdist/rates.json`` (default ``~/.cache``), keyed by the host, the CPU,
-its cores and the numpy version; below the sizes
+its cores and the numpy version (an activation's rate and a file system's read and
+write rates are measured the first time a placement decision needs them and added to the
+same file); below the sizes
 measured the rate of the smallest applies, above them the largest's (BLAS rates flatten out
 past a few hundred columns). ``SWIMDIST_RATES`` may name another JSON file of the same form.
 
