@@ -59,6 +59,24 @@ def _forward_numpy(X: np.ndarray, layers: list[Layer], coef, intercept, rows: in
     return out
 
 
+def _passes(solver: str, options: dict, n: int) -> int | None:
+    """Passes over ``A`` the solver makes (:func:`~swimdist.lstsq.costs.solver_passes`), or
+    None when it needs ``A`` stored: also ``auto`` where the normal equations' reductions
+    would not fit, so that it may stream row panels from a store (``normal-tiled``)."""
+    passes = solver_passes(solver, options)
+    if solver == "auto":
+        from ._dask import available_memory, client_memory, worker_memory
+        from .lstsq.auto import gram_partials_bytes
+
+        _, limit, _ = worker_memory()
+        room = client_memory() or available_memory()
+        if limit:
+            room = min(room, 0.5 * limit)
+        if gram_partials_bytes(n) > room:
+            return None
+    return passes
+
+
 class _SWIMBase:
     """Shared parameters, fitting stages and persistence of the SWIM estimators."""
 
@@ -228,7 +246,8 @@ class _SWIMBase:
             try:
                 with build_design(X, solve_layers, store=self.store, dtype=self.feature_dtype,
                                   chunk_rows=self.chunk_rows, lazy=self.solver == "split",
-                                  passes=solver_passes(self.solver, p["options"])) as A:
+                                  passes=_passes(self.solver, p["options"],
+                                                 solve_layers[-1].width + 1)) as A:
                     t2 = time.perf_counter()
                     res = solve(A, Y, method=self.solver, rcond=p["rcond"], alpha=p["alpha"],
                                 **p["options"])
