@@ -368,14 +368,16 @@ def choose_placement(X, layers, *, dtype, passes: int | None,
     less time than measuring the rates would.
     """
     from . import config
+    from .exceptions import ValidationError
     from .lstsq.auto import CALIBRATION_FLOPS
     from .lstsq.costs import rates_known
     from .store.build import temporary_root
 
     forced = config.get("placement", "auto")
     if forced not in ("auto", "store", "regenerate"):
-        raise ValueError(f"swimdist.placement must be auto, store or regenerate; got "
-                         f"{forced!r}")
+        raise ValidationError(f"swimdist.placement must be auto, store or regenerate; got "
+                              f"{forced!r} (set it with DASK_SWIMDIST__PLACEMENT or "
+                              "dask.config.set).")
     if forced != "auto":
         return ("temporary" if forced == "store" else "regenerate",
                 f"swimdist.placement={forced}", {})

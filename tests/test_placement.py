@@ -148,6 +148,15 @@ def test_solvers_that_need_a_store_get_one():
     assert choose_placement(X, layers, dtype="float64", passes=None)[0] == "temporary"
 
 
+def test_unknown_placement_setting_is_refused():
+    from swimdist.exceptions import ValidationError
+
+    X, y = _problem(n=500)
+    with dask.config.set({**SMALL, "swimdist.placement": "disk"}), \
+            pytest.raises(ValidationError, match="placement must be auto, store or regenerate"):
+        SWIMRegressor(**KW).fit(X, y)
+
+
 def test_placement_costs_grow_linearly_in_rows(tmp_path):
     rates = _rates(1e-11, 5e-9, 1e9, 1e9, tmp_path)
     layers = sample_layers(np.zeros((4, 16)), None, (100,), sampler="random", seed=0)
