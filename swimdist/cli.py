@@ -82,7 +82,8 @@ class _EchoHandler(logging.Handler):
     """Prints swimdist's own info messages (choices, progress lines) plainly to stderr."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.name in ("swimdist.cluster", "swimdist.lstsq", "swimdist.progress") \
+        if record.name in ("swimdist.cluster", "swimdist.design", "swimdist.lstsq",
+                           "swimdist.progress") \
                 or record.levelno >= 30:
             click.echo(record.getMessage(), err=True)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import os
 from collections.abc import Callable, Sequence
 
 import dask
@@ -42,7 +43,7 @@ from ._dask import (
     tree_sum,
 )
 
-logger = logging.getLogger("swimdist.design")
+logger = logging.getLogger("swimdist.design")  # a child of the "swimdist" logger
 
 PLACEMENTS = ("array", "memory", "temporary", "store", "regenerate")
 
@@ -190,6 +191,10 @@ class DesignMatrix:
         self.lock = lock
         #: What building the store did (blocks written, reused, verified).
         self.build_info = dict(build_info or {})
+        #: Why ``A`` lives where it does, and the predicted seconds of the alternatives
+        #: (:func:`choose_placement`; empty when there was no choice to make).
+        self.placement_reason: str | None = None
+        self.placement_costs: dict = {}
         #: Futures the array depends on (scattered X, broadcast layers): held while the
         #: handle is open, so that a lost block can be recomputed.
         self.held: list = []
@@ -316,8 +321,85 @@ def row_blocks(X, rows: int) -> da.Array:
                            for f, p in zip(futures, parts, strict=True)])
 
 
+def placement_costs(N: int, d: int, layers, dtype, passes: int, root: str, *,
+                    x_itemsize: int = 8, threads: int | None = None,
+                    rates=None) -> dict[str, float]:
+    """Predicted seconds of the feature work of a fit that makes ``passes`` passes over ``A``,
+    with ``A`` written to a temporary store under ``root`` (``"store"``) or generated again
+    from ``X`` for every pass (``"regenerate"``).
+
+    With ``F`` the seconds to generate the features once (:meth:`.lstsq.costs.Rates.features`:
+    ``2 N d_in M`` flops per layer at the measured product rate, ``N M`` activations at the
+    measured rate over ``threads`` worker threads), ``B = N M itemsize`` the bytes of ``H``
+    and ``r``, ``w`` the read and write rates of ``root``'s disk
+    (:func:`.lstsq.costs.disk_rates`)::
+
+        store      = F + B / w + passes * B / r
+        regenerate = passes * F + (passes - 1) * N d x_itemsize / r     (X read again)
+
+    The work the solver does with each block (the Gram products) is the same either way and
+    left out. Compute spreads over the workers' threads; one disk does not.
+    """
+    from .lstsq.costs import disk_rates, machine_rates
+
+    rates = rates or machine_rates()
+    if threads is None:
+        client = current_client()
+        threads = (sum(client.nthreads().values()) if client is not None
+                   else int(dask.config.get("num_workers", None) or os.cpu_count() or 1))
+    dims = (d, *(layer.width for layer in layers))
+    gen = rates.features(N, dims, layers[-1].activation, threads=threads)
+    read, write = disk_rates(root, rates)
+    nbytes = float(N) * layers[-1].width * np.dtype(dtype).itemsize
+    return {"store": gen + nbytes / write + passes * nbytes / read,
+            "regenerate": passes * gen + (passes - 1) * float(N) * d * x_itemsize / read,
+            "passes": int(passes), "generate": gen, "read": nbytes / read,
+            "write": nbytes / write}
+
+
+def choose_placement(X, layers, *, dtype, passes: int | None,
+                     rates=None) -> tuple[str, str, dict]:
+    """``("temporary" | "regenerate", reason, costs)`` for a fit whose ``A`` does not stay in
+    memory: the cheaper of the two by :func:`placement_costs`, unless the solver needs a
+    stored ``A`` (``passes`` None) or ``swimdist.placement`` says otherwise.
+
+    Until this machine's rates are measured (by a larger problem), a problem whose features
+    take fewer than :data:`.lstsq.auto.CALIBRATION_FLOPS` flops is regenerated: that takes
+    less time than measuring the rates would.
+    """
+    from . import config
+    from .exceptions import ValidationError
+    from .lstsq.auto import CALIBRATION_FLOPS
+    from .lstsq.costs import rates_known
+    from .store.build import temporary_root
+
+    forced = config.get("placement", "auto")
+    if forced not in ("auto", "store", "regenerate"):
+        raise ValidationError(f"swimdist.placement must be auto, store or regenerate; got "
+                              f"{forced!r} (set it with DASK_SWIMDIST__PLACEMENT or "
+                              "dask.config.set).")
+    if forced != "auto":
+        return ("temporary" if forced == "store" else "regenerate",
+                f"swimdist.placement={forced}", {})
+    if passes is None:
+        return "temporary", "the solver reads columns of A from a store", {}
+    N, dims = X.shape[0], (X.shape[1], *(layer.width for layer in layers))
+    flops = sum(N * m * (2 * d_in + 1) for d_in, m in zip(dims[:-1], dims[1:], strict=True))
+    if rates is None and flops <= CALIBRATION_FLOPS and not rates_known():
+        return "regenerate", (f"A is small ({flops:.2g} flops to generate); regenerating "
+                              "takes less than measuring the rates"), {}
+    costs = placement_costs(N, X.shape[1], layers, dtype, passes, temporary_root(),
+                            x_itemsize=np.dtype(X.dtype).itemsize, rates=rates)
+    place = "regenerate" if costs["regenerate"] <= costs["store"] else "temporary"
+    reason = (f"{passes} pass(es) over A ({X.shape[0]} x {layers[-1].width}): regenerating "
+              f"from X {costs['regenerate']:.3g} s, a temporary store {costs['store']:.3g} s "
+              f"(generate {costs['generate']:.3g} s, write {costs['write']:.3g} s, read "
+              f"{costs['read']:.3g} s a pass)")
+    return place, reason, costs
+
+
 def build_design(X, layers, *, store=None, dtype="float64", chunk_rows: int | None = None,
-                 lazy: bool = False) -> DesignMatrix:
+                 lazy: bool = False, passes: int | None = None) -> DesignMatrix:
     """The design matrix of a fit: features of ``X`` through ``layers``, bias appended.
 
     Parameters
@@ -326,8 +408,10 @@ def build_design(X, layers, *, store=None, dtype="float64", chunk_rows: int | No
     layers : list of swimdist.sampling.Layer
     store : None, "memory", or a path / fsspec URL
         None: in memory when ``A`` takes at most a quarter of the fit's memory (always on a
-        remote cluster), else a temporary local store. A path or URL: a persistent,
-        resumable store there (locked while the design is open).
+        remote cluster); else regenerated from ``X`` for every pass or written to a
+        temporary local store, whichever :func:`choose_placement` predicts cheaper for
+        ``passes`` passes (logged; :attr:`DesignMatrix.placement_reason`). A path or URL: a
+        persistent, resumable store there (locked while the design is open).
     dtype : {"float64", "float32"}
     chunk_rows : int, optional
         Rows per block (default from the configuration and the block budget).
@@ -335,6 +419,9 @@ def build_design(X, layers, *, store=None, dtype="float64", chunk_rows: int | No
         Placement ``"regenerate"``: never compute ``A`` whole; split-and-solve builds one
         neuron block at a time from :meth:`DesignMatrix.block_features` and no features are
         stored (a persistent ``store`` then holds only the lock and the solve checkpoint).
+    passes : int, optional
+        Passes over ``A`` the solver will make (:func:`.lstsq.costs.solver_passes`); None:
+        it needs ``A`` stored.
 
     Returns
     -------
@@ -347,12 +434,13 @@ def build_design(X, layers, *, store=None, dtype="float64", chunk_rows: int | No
     rows = block_rows(layers[-1].width + 1, dtype, chunk_rows)
     design = DesignMatrix(None, bias=True, rows=rows)
     with keep_alive(into=design.held):
-        _build(design, X, layers, store=store, dtype=dtype, rows=rows, lazy=lazy)
+        _build(design, X, layers, store=store, dtype=dtype, rows=rows, lazy=lazy,
+               passes=passes)
     logger.debug("design matrix: %r", design)
     return design
 
 
-def _build(design: DesignMatrix, X, layers, *, store, dtype, rows, lazy) -> None:
+def _build(design: DesignMatrix, X, layers, *, store, dtype, rows, lazy, passes) -> None:
     """Fill ``design`` (see :func:`build_design`); closes it on failure."""
     from .features import add_bias_column, hidden_features
     from .store.backends import store_backend
@@ -368,15 +456,22 @@ def _build(design: DesignMatrix, X, layers, *, store, dtype, rows, lazy) -> None
     N, M = X.shape[0], layers[-1].width
     persistent = store is not None and store != "memory"
     url = str(store) if persistent else None
+    reason, costs = None, {}
     if lazy:
-        placement = "regenerate"
+        placement, reason = "regenerate", "split-and-solve builds its column blocks from X"
     elif persistent:
-        placement = "store"
+        placement, reason = "store", f"a persistent store at {url!r}"
     elif store == "memory" or remote_client() is not None or fits_in_memory(N, M + 1, dtype):
         placement = "memory"
+        reason = ("store='memory'" if store == "memory" else "a remote cluster" if
+                  remote_client() is not None else "A takes at most a quarter of the memory")
     else:
-        placement, url = "temporary", temporary_store_path()
+        placement, reason, costs = choose_placement(X, layers, dtype=dtype, passes=passes)
+        if placement == "temporary":
+            url = temporary_store_path()
+    logger.info("design matrix %d x %d: %s (%s)", N, M + 1, placement, reason)
     design.placement = placement
+    design.placement_reason, design.placement_costs = reason, costs
     try:
         Xd = row_blocks(X, rows)
         if persistent:
@@ -387,7 +482,9 @@ def _build(design: DesignMatrix, X, layers, *, store, dtype, rows, lazy) -> None
         if placement == "regenerate":
             # In-memory X goes to the workers once, not with every block's graph.
             Xd = Xd if isinstance(X, da.Array) else Xd.persist()
-            design.array = add_bias_column(hidden_features(Xd, layers, dtype=dtype))
+            # Each block of A is generated inside the task that uses it (the Gram pass: one
+            # pass over X, nothing stored), the bias column written in place.
+            design.array = hidden_features(Xd, layers, dtype=dtype, add_bias=True)
             design.block_builder = lambda cols: hidden_features(Xd, layers, columns=cols,
                                                                 dtype=dtype)
             design.column_norms = np.linalg.norm(layers[-1].weights, axis=0)
@@ -397,9 +494,10 @@ def _build(design: DesignMatrix, X, layers, *, store, dtype, rows, lazy) -> None
                                        "features", unit="blocks", persist=True)
         else:
             with blas_for_local_threads():
-                H, design.build_info = build_feature_store(Xd, layers, url,
+                H, built = build_feature_store(Xd, layers, url,
                                                            fingerprint=design.fingerprint,
                                                            dtype=dtype)
+            design.build_info = built
             design.array = add_bias_column(H)
             design.store, design.store_format = url, store_backend(url).kind
         if persistent:

@@ -4,8 +4,10 @@
 (a ``distributed.Client`` if one exists, else dask's threaded scheduler):
 
 1. sample the hidden layers from data pairs (:mod:`swimdist.sampling`);
-2. build the features ``A = [sigma(Phi(X) W + b), 1]`` block by block on the workers and keep
-   them in a Zarr store (:mod:`swimdist.features`, :mod:`swimdist.store`);
+2. build the features ``A = [sigma(Phi(X) W + b), 1]`` block by block on the workers: kept
+   in memory, written to a Zarr store, or generated again from ``X`` for every pass of the
+   solver, whichever the measured rates predict cheaper (:mod:`swimdist.design`,
+   :mod:`swimdist.features`, :mod:`swimdist.store`);
 3. solve ``min ||A C - Y||`` with the chosen solver (:func:`swimdist.solve`).
 """
 
@@ -25,7 +27,9 @@ from .activations import get_activation
 from .design import build_design
 from .exceptions import DataConversionWarning, NotFittedError, ValidationError
 from .features import forward
+from .inputs import file_backed
 from .lstsq import check_options, get_solver, solve, solver_options
+from .lstsq.costs import solver_passes
 from .models import MODEL_FORMAT, MODEL_VERSION, check_model_file, load_arrays, save_arrays
 from .sampling import SAMPLERS, Layer, merge_duplicates, sample_layers
 from .validation import (
@@ -53,6 +57,24 @@ def _forward_numpy(X: np.ndarray, layers: list[Layer], coef, intercept, rows: in
             out[r:r + rows] = forward(X[r:r + rows], layers) @ coef + intercept
             st.update(min(rows, X.shape[0] - r))
     return out
+
+
+def _passes(solver: str, options: dict, n: int) -> int | None:
+    """Passes over ``A`` the solver makes (:func:`~swimdist.lstsq.costs.solver_passes`), or
+    None when it needs ``A`` stored: also ``auto`` where the normal equations' reductions
+    would not fit, so that it may stream row panels from a store (``normal-tiled``)."""
+    passes = solver_passes(solver, options)
+    if solver == "auto":
+        from ._dask import available_memory, client_memory, worker_memory
+        from .lstsq.auto import gram_partials_bytes
+
+        _, limit, _ = worker_memory()
+        room = client_memory() or available_memory()
+        if limit:
+            room = min(room, 0.5 * limit)
+        if gram_partials_bytes(n) > room:
+            return None
+    return passes
 
 
 class _SWIMBase:
@@ -195,7 +217,10 @@ class _SWIMBase:
 
     def _fit(self, X, y, p: dict):
         t0 = time.perf_counter()
-        X = check_X(X, min_samples=2)
+        # A memory-mapped .npy file is read by the workers, a row block each, like Zarr
+        # and HDF5 inputs: the client never pages it in.
+        mapped = file_backed(X)
+        X = check_X(X if mapped is None else mapped, min_samples=2)
         Y, Ysample = self._targets(y, X.shape[0])
         self.n_features_in_ = X.shape[1]
         self.seed_ = p["seed"]
@@ -220,7 +245,9 @@ class _SWIMBase:
         while True:
             try:
                 with build_design(X, solve_layers, store=self.store, dtype=self.feature_dtype,
-                                  chunk_rows=self.chunk_rows, lazy=self.solver == "split") as A:
+                                  chunk_rows=self.chunk_rows, lazy=self.solver == "split",
+                                  passes=_passes(self.solver, p["options"],
+                                                 solve_layers[-1].width + 1)) as A:
                     t2 = time.perf_counter()
                     res = solve(A, Y, method=self.solver, rcond=p["rcond"], alpha=p["alpha"],
                                 **p["options"])
@@ -240,7 +267,10 @@ class _SWIMBase:
         persistent = self.store not in (None, "memory")
         info = {"store": str(self.store) if persistent else
                 ("memory" if A.placement == "memory" else None), "placement": A.placement,
-                "resent": resent}
+                "placement_reason": A.placement_reason, "resent": resent}
+        if A.placement_costs:
+            info["placement_seconds"] = {k: A.placement_costs[k]
+                                         for k in ("store", "regenerate")}
         if A.build_info:
             info["blocks"] = A.build_info
         M = layers[-1].width
@@ -360,9 +390,14 @@ class SWIMRegressor(_SWIMBase):
     store : None, "memory", or a path / fsspec URL
         Where the feature matrix lives. None: in memory (the workers' memory on a cluster)
         when it takes at most a quarter of the memory budget (``swimdist.memory-budget``,
-        else the workers' limits, else the available memory), otherwise a temporary local
-        Zarr store deleted after ``fit``. "memory": always in memory. A path or URL keeps a
-        resumable store there (see :mod:`swimdist.store`).
+        else the workers' limits, else the available memory); otherwise either generated
+        again from ``X`` on the workers for every pass of the solver (nothing stored: the
+        normal equations then need one pass over ``X``) or written to a temporary local
+        Zarr store deleted after ``fit``, whichever the machine's measured compute and disk
+        rates predict cheaper for this ``d``, ``M`` and solver (``fit_info_["placement"]``,
+        ``["placement_reason"]``, ``["placement_seconds"]``; logged on ``swimdist``).
+        "memory": always in memory. A path or URL keeps a resumable store there (see
+        :mod:`swimdist.store`).
     feature_dtype : {"float64", "float32"}
     replace : bool
         Draw neuron pairs with replacement (the reference) or distinct pairs.

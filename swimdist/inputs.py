@@ -2,7 +2,9 @@
 
 HDF5 and Zarr inputs come back as lazy dask arrays whose blocks are read by picklable
 views (:class:`_H5Rows`, :class:`_ZarrRows`), so they work on any scheduler and name the
-file when a read fails.
+file when a read fails. A .npy file comes back memory-mapped; ``fit`` turns such a map into
+a dask array of the same kind (:func:`file_backed`), so the workers read its row blocks
+and the client never holds it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from . import config
 from ._io import is_url, local_path
 from .exceptions import StoreError, ValidationError
 
-__all__ = ["load_array"]
+__all__ = ["file_backed", "load_array"]
 
 
 class _H5Rows:
@@ -60,6 +62,41 @@ class _ZarrRows:
             return self.arr[sl]
         except Exception as exc:  # noqa: BLE001 - zarr and its codecs raise many types
             raise _read_error(self.path, exc) from None
+
+
+class _NpyRows:
+    """Picklable lazy view of a memory-mapped .npy file: each read maps the file on the
+    process that reads (a worker), so its rows never pass through the client."""
+
+    def __init__(self, path: str, offset: int, shape, dtype, order: str):
+        self.path, self.offset, self.order = path, int(offset), order
+        self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
+
+    def __getitem__(self, sl):
+        try:
+            m = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset,
+                          shape=self.shape, order=self.order)
+            return np.array(m[sl])
+        except Exception as exc:  # noqa: BLE001 - the file may have changed or gone
+            raise _read_error(self.path, exc) from None
+
+
+def file_backed(X) -> da.Array | None:
+    """A memory map of a whole file (``np.load(..., mmap_mode="r")``, not a slice of one) as
+    a lazy dask array whose row blocks are read where they are computed (on the workers),
+    or None for anything else."""
+    import mmap
+
+    if not (isinstance(X, np.memmap) and isinstance(X.base, mmap.mmap)
+            and getattr(X, "filename", None) and X.ndim == 2):
+        return None
+    order = "F" if X.flags.f_contiguous and not X.flags.c_contiguous else "C"
+    view = _NpyRows(X.filename, X.offset, X.shape, X.dtype, order)
+    rows = int(config.get("chunk-rows"))
+    return da.from_array(view, chunks=(rows, -1), asarray=True,
+                         name="npy-" + dask.base.tokenize(X.filename, X.offset, X.shape,
+                                                          str(X.dtype),
+                                                          os.path.getmtime(X.filename)))
 
 
 def _read_error(path: str, exc: Exception) -> ValidationError:

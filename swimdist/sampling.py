@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import dask
 import dask.array as da
 import numpy as np
 
@@ -113,10 +114,58 @@ def pair_probabilities(dy: np.ndarray | None, dist: np.ndarray, sampler: str) ->
 
 
 def _gather_rows(X, idx: np.ndarray) -> np.ndarray:
-    """Rows ``X[idx]`` (``idx`` sorted unique) as float64 numpy; reads only those rows."""
-    if isinstance(X, da.Array):
-        return np.asarray(X[idx].compute(), dtype=np.float64)
-    return np.asarray(X[idx], dtype=np.float64)
+    """Rows ``X[idx]`` (``idx`` sorted unique) as float64 numpy; reads only those rows.
+
+    A dask ``X``: one task per row block holding any of them, which reads its block with a
+    plain slice and returns just those rows (``X[idx]`` would hand the fancy index to the
+    block reader: Zarr's orthogonal indexing, several times slower than reading the block).
+    """
+    if not isinstance(X, da.Array):
+        return np.asarray(X[idx], dtype=np.float64)
+    if len(X.chunks[1]) != 1:
+        X = X.rechunk({1: -1})
+    bounds = np.cumsum((0, *X.chunks[0]))
+    cuts = np.searchsorted(idx, bounds)
+    take = dask.delayed(_take_rows, pure=True)
+    parts = [take(X.blocks[b], idx[cuts[b]:cuts[b + 1]] - bounds[b])
+             for b in range(len(X.chunks[0])) if cuts[b + 1] > cuts[b]]
+    out = dask.compute(*parts)
+    return np.concatenate(out) if out else np.empty((0, X.shape[1]))
+
+
+def _take_rows(block: np.ndarray, local: np.ndarray) -> np.ndarray:
+    """Rows ``local`` of one row block, as float64."""
+    return np.asarray(block[local], dtype=np.float64)
+
+
+def _sorted_unique(a: np.ndarray) -> np.ndarray:
+    """``np.unique(a)`` for integers by one sort (numpy's hash-based unique is slower on a
+    million candidates)."""
+    a = np.sort(a)
+    return a[np.concatenate(([True], a[1:] != a[:-1]))] if a.size else a
+
+
+def candidate_bytes() -> int:
+    """Most bytes of candidate rows the client holds at once when X is out of core (a dask
+    array): the candidate pool is read in slices of this size, the bound on one feature
+    block (``swimdist.max-block-bytes``)."""
+    from . import config
+
+    return int(dask.utils.parse_bytes(config.get("max-block-bytes")))
+
+
+def _rows_of(X, layers: list[Layer], li: int, i_from: np.ndarray, i_to: np.ndarray,
+             in_memory: bool):
+    """``(Z, pos_from, pos_to)``: layer ``li``'s inputs at the rows of the pairs
+    ``(i_from, i_to)``, with ``Z[pos_from]`` / ``Z[pos_to]`` the pairs' rows; only those
+    rows of ``X`` are read (``in_memory``: ``X`` itself, no copy)."""
+    if in_memory:
+        return X, i_from, i_to
+    rows = _sorted_unique(np.concatenate([i_from, i_to]))
+    Z = _gather_rows(X, rows)
+    for prev in layers:
+        Z = prev.apply(Z)
+    return Z, np.searchsorted(rows, i_from), np.searchsorted(rows, i_to)
 
 
 def sample_layers(X, Y: np.ndarray | None, hidden_layer_sizes, *, activation: str = "tanh",
@@ -175,22 +224,23 @@ def _sample_layer(X, Y, layers: list[Layer], li: int, width: int, *, activation,
         _, first = np.unique(i_from.astype(np.int64) * n + i_to, return_index=True)
         first.sort()
         i_from, i_to = i_from[first], i_to[first]
-    if li == 0 and isinstance(X, np.ndarray) and X.dtype == np.float64:
-        Z, pos_from, pos_to = X, i_from, i_to  # no copy of the drawn rows
-    else:
-        rows = np.unique(np.concatenate([i_from, i_to]))
-        Z = _gather_rows(X, rows)
-        for prev in layers:
-            Z = prev.apply(Z)
-        pos_from = np.searchsorted(rows, i_from)
-        pos_to = np.searchsorted(rows, i_to)
-    # Distances in slices of candidates: row norms do not depend on the slicing, and
-    # no (candidates x d) difference matrix is ever whole.
-    dist = np.empty(len(pos_from))
-    for c in range(0, len(pos_from), 8192):
-        dz = Z[pos_to[c:c + 8192]] - Z[pos_from[c:c + 8192]]
-        dist[c:c + 8192] = np.maximum(np.linalg.norm(dz, axis=1), DIST_MIN)
-    del dz
+    in_memory = li == 0 and isinstance(X, np.ndarray) and X.dtype == np.float64
+    # Out of core (X a dask array: Zarr, HDF5, npy files), the candidates' rows are read in
+    # slices of candidates whose rows take at most candidate_bytes(), their distances kept
+    # and the rows dropped: the client never holds more than one slice of X's rows.
+    step = (len(i_from) if in_memory
+            else max(1, candidate_bytes() // (16 * max(X.shape[1], d_in))))
+    dist = np.empty(len(i_from))
+    for s0 in range(0, len(i_from), step):
+        f, t = i_from[s0:s0 + step], i_to[s0:s0 + step]
+        Z, pos_from, pos_to = _rows_of(X, layers, li, f, t, in_memory)
+        whole = (Z, pos_from, pos_to) if step >= len(i_from) else None
+        # Distances in slices of candidates: row norms do not depend on the slicing, and
+        # no (candidates x d) difference matrix is ever whole.
+        for c in range(0, len(pos_from), 8192):
+            dz = Z[pos_to[c:c + 8192]] - Z[pos_from[c:c + 8192]]
+            dist[s0 + c:s0 + c + len(dz)] = np.maximum(np.linalg.norm(dz, axis=1), DIST_MIN)
+        del Z, dz
     dy = None
     if Y is not None:
         if classification:
@@ -204,7 +254,11 @@ def _sample_layer(X, Y, layers: list[Layer], li: int, width: int, *, activation,
             "pairs have nonzero probability. Use replace=True or fewer neurons."
         )
     sel = rng.choice(dist.shape[0], size=width, replace=replace, p=p)
-    W, b = pairs_to_weights(Z[pos_from[sel]], Z[pos_to[sel]], activation)
+    if whole is not None:  # one slice: its rows hold the chosen pairs' rows
+        Z, pos_from, pos_to = whole[0], whole[1][sel], whole[2][sel]
+    else:  # read just the chosen pairs' rows
+        Z, pos_from, pos_to = _rows_of(X, layers, li, i_from[sel], i_to[sel], in_memory)
+    W, b = pairs_to_weights(Z[pos_from], Z[pos_to], activation)
     logger.info("layer %d: %d neurons from %d candidate pairs", li, width, n_cand)
     return Layer(W, b, activation, i_from[sel], i_to[sel])
 

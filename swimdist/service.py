@@ -564,6 +564,8 @@ def _run_job(spec: dict, status: StatusRecord, performance_report: str | None,
                    "relative_residual": est.fit_info_.get("relative_residual"),
                    "rank": est.fit_info_.get("rank"),
                    "iterations": est.fit_info_.get("iterations"),
+                   "placement": est.fit_info_.get("placement"),
+                   "placement_reason": est.fit_info_.get("placement_reason"),
                    "solver_timings": {k: round(float(v), 3)
                                       for k, v in est.solve_result_.timings.items()}}
         if plan is not None:

@@ -249,7 +249,8 @@ def test_mnist_parity_with_reference(mnist_path):
 
 def test_default_store_in_memory_or_temporary_by_budget(tmp_path, sine_data):
     """store=None keeps A in memory when it fits a quarter of the budget, otherwise writes a
-    temporary Zarr store (removed after fit); both give the same model."""
+    temporary Zarr store (removed after fit; ``swimdist.placement="store"`` rules out
+    regenerating it); both give the same model."""
     import dask
 
     X, y, _, _ = sine_data
@@ -257,7 +258,8 @@ def test_default_store_in_memory_or_temporary_by_budget(tmp_path, sine_data):
     in_mem = SWIMRegressor(**kw).fit(X, y)
     assert in_mem.fit_info_["store"] == "memory" and "blocks" not in in_mem.fit_info_
     root = tmp_path / "stores"
-    with dask.config.set({"swimdist.memory-budget": "64KB", "swimdist.store-root": str(root)}):
+    with dask.config.set({"swimdist.memory-budget": "64KB", "swimdist.store-root": str(root),
+                          "swimdist.placement": "store"}):
         on_disk = SWIMRegressor(**kw).fit(X, y)
     assert on_disk.fit_info_["store"] is None
     assert on_disk.fit_info_["blocks"]["written"] >= 1

@@ -17,6 +17,13 @@ Every solver's time is modelled from the operations it performs, each with its o
 ``eigh(n)``, ``svd(n)``
     ``t n^3`` with ``t`` measured.
 
+``features(N, dims, activation)``
+    Generating feature blocks from ``X``: ``2 N d_in M`` flops per layer at the product rate
+    and ``N M`` activations at the activation's measured one-thread rate, spread over the
+    worker threads (:func:`swimdist.design.placement_costs` weighs it against writing the
+    features to disk once and reading them back every pass, at the rates
+    :func:`disk_rates` measures on the store's file system).
+
 A pass over a dask array adds the per-task overhead (about a millisecond a task on
 distributed's scheduler) and, for gelsd on a cluster, the gather of ``A`` to the client
 (bytes over the scheduler's measured bandwidth).
@@ -24,7 +31,9 @@ distributed's scheduler) and, for gelsd on a cluster, the gather of ``A`` to the
 Rates are measured once per machine (about three seconds on two cores: gelsd, eigh, SVD, a sparse
 sketch and matrix products at ``n = 256`` and ``1024``, with BLAS on every core) and cached
 in ``$XDG_CACHE_HOME/swimdist/rates.json`` (default ``~/.cache``), keyed by the host, the CPU,
-its cores and the numpy version; below the sizes
+its cores and the numpy version (an activation's rate and a file system's read and
+write rates are measured the first time a placement decision needs them and added to the
+same file); below the sizes
 measured the rate of the smallest applies, above them the largest's (BLAS rates flatten out
 past a few hundred columns). ``SWIMDIST_RATES`` may name another JSON file of the same form.
 
@@ -55,7 +64,8 @@ CALIBRATION_WIDTHS = (256, 1024)
 #: 1 ms per task"); the threaded scheduler's is lower, this bounds it.
 TASK_OVERHEAD = 1e-3
 
-__all__ = ["CALIBRATION_WIDTHS", "Rates", "machine_rates", "rates_known"]
+__all__ = ["CALIBRATION_WIDTHS", "Rates", "activation_rate", "disk_rates", "machine_rates",
+           "rates_known", "solver_passes"]
 
 
 def _interp(table: dict[str, float], n: float) -> float:
@@ -91,6 +101,11 @@ class Rates:
     eigh: dict[str, float] = field(default_factory=dict)
     svd: dict[str, float] = field(default_factory=dict)
     sketch: dict[str, float] = field(default_factory=dict)
+    #: Seconds per element of each activation function, one thread (measured on first use).
+    activation: dict[str, float] = field(default_factory=dict)
+    #: File system ("device <st_dev>") -> [read, write] bytes per second of its disk
+    #: (measured on first use; reads after the written pages are dropped from the cache).
+    disk: dict[str, list[float]] = field(default_factory=dict)
     key: str = ""
 
     # ------------------------------------------------------------------ operations
@@ -116,6 +131,17 @@ class Rates:
     def sparse_sketch(self, N: int, n: int) -> float:
         """Seconds of the sparse-sign sketch ``S A`` (``2n`` rows, 8 nonzeros a column)."""
         return _interp(self.sketch, n) * N * n
+
+    def features(self, N: int, dims, activation: str, threads: int = 1) -> float:
+        """Seconds to generate ``N`` rows of features through layers of widths ``dims =
+        (d, M1, M2, ...)``: the products ``2 N d_in M`` at the float64 rate of a matrix
+        product of ``M`` columns (measured with BLAS on every core) and ``N M`` activations
+        at the measured one-thread rate, spread over ``threads`` worker threads."""
+        act = self.activation.get(activation) or activation_rate(self, activation)
+        t = 0.0
+        for d_in, m in zip(dims[:-1], dims[1:], strict=True):
+            t += _interp(self.gemm, m) * 2.0 * N * d_in * m + act * N * m / max(1, threads)
+        return t
 
     def eig(self, n: int) -> float:
         return _interp(self.eigh, n) * n**3
@@ -160,6 +186,118 @@ def measure_rates(widths=CALIBRATION_WIDTHS) -> Rates:
         r.svd[key] = _best(1, np.linalg.svd, a2[:n], full_matrices=False) / n**3
         r.sketch[key] = _best(1, sketch_block, a8, 0, s=2 * n, kind="sparse-sign") / (8.0 * n * n)
     return r
+
+
+def _time_activation(name: str, elements: int = 1 << 21) -> float:
+    """Seconds per element of activation ``name`` on one thread (in place, as the feature
+    blocks apply it)."""
+    from threadpoolctl import threadpool_limits
+
+    from ..activations import get_activation
+
+    fn = get_activation(name).fn
+    x = np.random.default_rng(0).standard_normal(elements)
+    with threadpool_limits(1):
+        return _best(3, fn, x) / elements
+
+
+def _time_disk(root: str, nbytes: int = 64 * 2**20) -> list[float]:
+    """``[read, write]`` bytes per second of the disk under ``root``: a file of ``nbytes``
+    written and fsynced, its pages dropped from the page cache (``posix_fadvise``), read
+    back, deleted."""
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, f".swimdist-disk-rate.{os.getpid()}")
+    data = np.random.default_rng(0).standard_normal(nbytes // 8)
+    try:
+        t0 = time.perf_counter()
+        with open(path, "wb") as f:
+            f.write(data.data)
+            f.flush()
+            os.fsync(f.fileno())
+        write = nbytes / (time.perf_counter() - t0)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            buf = bytearray(8 * 2**20)
+            t0 = time.perf_counter()
+            with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
+            read = nbytes / (time.perf_counter() - t0)
+        finally:
+            os.close(fd)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+    return [read, write]
+
+
+def activation_rate(rates: Rates, name: str) -> float:
+    """``rates.activation[name]``, measured now (a few milliseconds) and cached if missing."""
+    if name not in rates.activation:
+        rates.activation[name] = _time_activation(name)
+        _save(rates)
+    return rates.activation[name]
+
+
+def disk_rates(root: str, rates: Rates | None = None) -> tuple[float, float]:
+    """``(read, write)`` bytes per second of the disk holding ``root`` (a feature store's
+    directory), measured once (a 64 MiB file, well under a second on a local disk) and
+    cached with the machine's rates. ``SWIMDIST_DISK_RATES="read,write"`` overrides it."""
+    if os.environ.get("SWIMDIST_DISK_RATES"):
+        r, w = (float(v) for v in os.environ["SWIMDIST_DISK_RATES"].split(","))
+        return r, w
+    rates = rates or machine_rates()
+    root = os.path.abspath(root)
+    probe = root
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    key = f"device {os.stat(probe).st_dev}"  # one measurement per file system, not per path
+    if key not in rates.disk:
+        rates.disk[key] = _time_disk(root)
+        logger.info("costs: disk under %s reads %.0f MB/s, writes %.0f MB/s", key,
+                    rates.disk[key][0] / 1e6, rates.disk[key][1] / 1e6)
+        _save(rates)
+    r, w = rates.disk[key]
+    return float(r), float(w)
+
+
+def solver_passes(method: str, options: dict | None = None) -> int | None:
+    """How many passes over ``A`` solver ``method`` makes (an upper bound where the data
+    decide), or None when it needs ``A`` stored (``normal-tiled`` reads column panels from
+    the feature store).
+
+    ``normal``: the Gram pass, plus ``max_refine`` verification passes with ``verify``;
+    ``direct``: one (``A`` gathered); ``sketch-direct``: sketch, product, refinement;
+    ``auto``: the Gram pass and its verification (``normal``, the first choice on tall
+    problems), the pass forming ``A V_0`` and a thin one; ``lsrn``: the sketch and
+    ``max_iter`` LSQR steps; ``split``: builds its column blocks itself (one).
+    """
+    options = options or {}
+    if method == "normal":
+        return 1 + (int(options.get("max_refine", 3)) if options.get("verify") else 0)
+    if method in ("direct", "split"):
+        return 1
+    if method == "sketch-direct":
+        return 3
+    if method == "auto":
+        return 3
+    if method == "lsrn":
+        from .. import config
+
+        return 1 + int(options.get("max_iter") or config.get("solver.max-iter"))
+    return None
+
+
+def _save(rates: Rates) -> None:
+    """Write ``rates`` to the cache file (atomically; failures are ignored)."""
+    path = _cache_path()
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(rates), indent=1))
+        os.replace(tmp, path)
 
 
 def _machine_key() -> str:
@@ -211,10 +349,6 @@ def machine_rates() -> Rates:
     rates.key = key
     logger.info("auto: measured this machine's BLAS and LAPACK rates in %.1f s (cached in %s)",
                 time.perf_counter() - t0, path)
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(asdict(rates), indent=1))
-        os.replace(tmp, path)
+    _save(rates)
     _RATES = rates
     return rates

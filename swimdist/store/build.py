@@ -294,6 +294,12 @@ def describe_store(url: str) -> dict:
 
 
 # --------------------------------------------------------------------------- temporary stores
+def temporary_root() -> str:
+    """The directory temporary feature stores go in: ``swimdist.store-root``, else the
+    system's temporary directory."""
+    return config.get("store-root") or tempfile.gettempdir()
+
+
 def temporary_store_path() -> str:
     """A fresh directory for a temporary feature store (under ``swimdist.store-root``)."""
     root = config.get("store-root")
