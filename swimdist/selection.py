@@ -70,7 +70,8 @@ from .validation import check_hidden_layer_sizes, check_nonnegative, check_posit
 
 logger = logging.getLogger("swimdist.selection")
 
-__all__ = ["GramPath", "SWIMClassifierCV", "SWIMRegressorCV", "parse_grid"]
+__all__ = ["GramPath", "SWIMClassifierCV", "SWIMRegressorCV", "parse_grid", "plot_selection",
+           "selection_report"]
 
 
 # --------------------------------------------------------------------------- kernels
@@ -576,3 +577,56 @@ class SWIMRegressorCV(_SWIMCVBase):
     def model_at(self, *, width: int, alpha: float) -> SWIMRegressor:
         """The path's plain model at ``(width, alpha)``."""
         return self._at(None, width, alpha)
+
+
+# --------------------------------------------------------------------------- reports
+#: What a run without matplotlib logs instead of drawing the figure.
+PLOT_SKIPPED = "matplotlib not installed (pip install 'swimdist[plot]'): {path} skipped"
+
+
+def selection_report(est) -> dict:
+    """The JSON-ready summary of a fitted CV estimator: grid, scores, best point, timings."""
+    res = {k: np.asarray(v).tolist() for k, v in est.cv_results_.items()}
+    return {"estimator": type(est).__name__, "best_width": est.best_width_,
+            "best_alpha": est.best_alpha_, "best_score": est.best_score_,
+            "widths": est.widths_, "alphas": est.alphas_, "path_is_exact": est.path_is_exact_,
+            "cv_results": res, "timings": est.timings_, "fit_info": est.fit_info_}
+
+
+def plot_selection(report: dict, path: str) -> str | None:
+    """A PNG of validation error (classification) or ``1 - R^2`` against width, one line per
+    alpha, written atomically to ``path`` (local or URL); None without matplotlib (logged)."""
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning(PLOT_SKIPPED.format(path=path))
+        return None
+    import io
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from ._io import write_bytes_atomic
+
+    res = report["cv_results"]
+    width, alpha = np.asarray(res["width"]), np.asarray(res["alpha"])
+    clf = "validation_error" in res
+    err = np.asarray(res["validation_error"]) if clf else 1 - np.asarray(res["validation_score"])
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for a in report["alphas"]:
+        on = alpha == a
+        ax.plot(width[on], (100 * err if clf else err)[on], marker="o", label=f"alpha={a:g}")
+    ax.plot([report["best_width"]], [100 * (1 - report["best_score"]) if clf
+                                     else 1 - report["best_score"]],
+            marker="*", markersize=14, color="k", linestyle="none", label="chosen")
+    ax.set_xlabel("width (neurons of the last hidden layer)")
+    ax.set_ylabel("validation error (%)" if clf else "validation 1 - R^2")
+    if not clf and np.all(err > 0):
+        ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    write_bytes_atomic(path, buf.getvalue())
+    return path

@@ -260,3 +260,42 @@ def test_parse_grid():
     assert parse_grid("0,1e-6, 1e-4") == [0.0, 1e-6, 1e-4]
     with pytest.raises(ValidationError, match="integers"):
         parse_grid("1.5,2", integer=True)
+
+
+# --------------------------------------------------------------------------- command line
+def test_cli_select_writes_selection_json_and_the_best_model(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from swimdist.cli import main
+    from swimdist.datasets import sine
+
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, [
+        "train", "--dataset", "sine", "--n-train", "600", "--n-test", "100", "--hidden", "90",
+        "--select", "widths=30:90:30", "--select", "alphas=0,1e-4", "--select", "cv=3",
+        "--n-workers", "1", "--threads-per-worker", "1", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    sel = json.loads((out / "selection.json").read_text())
+    assert sel["widths"] == [30, 60, 90] and sel["alphas"] == [0.0, 1e-4]
+    res = sel["cv_results"]
+    assert res["width"] == [30, 30, 60, 60, 90, 90]
+    k = int(np.argmax(res["validation_score"]))
+    assert (sel["best_width"], sel["best_alpha"]) == (res["width"][k], res["alpha"][k])
+    m = load_model(str(out / "model.npz"))
+    assert type(m) is SWIMRegressor and m.hidden_layer_sizes == (sel["best_width"],)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["selection"]["best_width"] == sel["best_width"]
+    # the saved model is the path's: a separate fit at that point gives the same predictions
+    X, y = sine(600, alpha=1.0, seed=0)
+    Xt, _ = sine(100, alpha=1.0, seed=1)
+    sep = SWIMRegressor(hidden_layer_sizes=(sel["best_width"],), alpha=sel["best_alpha"],
+                        solver="normal", random_state=0).fit(X, y)
+    np.testing.assert_allclose(m.predict(Xt), sep.predict(Xt), rtol=0, atol=1e-6)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "selection.png skipped" in r.output
+    else:
+        assert (out / "selection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
