@@ -193,9 +193,12 @@ def test_validation_score_is_the_held_out_accuracy_of_a_fit_on_the_other_rows(rn
         assert cv.cv_results_["validation_score"][k] == pytest.approx(acc, abs=1e-12)
 
 
-def test_gram_path_ridge_prefix_equals_merged_ridge(rng):
+@pytest.mark.parametrize("dependent", [False, True], ids=["full-rank", "cut"])
+def test_gram_path_ridge_prefix_equals_merged_ridge(rng, dependent):
     # duplicates as separate columns (nested Cholesky) = merged column scaled by sqrt(m)
     H = rng.normal(size=(50, 6))
+    if dependent:  # a direction below the cutoff: alpha = 0 needs the eigendecomposition
+        H[:, 4] = H[:, 0] - H[:, 2] + 1e-10 * rng.normal(size=50)
     inverse = np.array([0, 1, 0, 2, 3, 1, 4, 5, 0])  # 9 neurons, 6 distinct
     A = np.column_stack([H, np.ones(50)])
     Y = rng.normal(size=(50, 2))
@@ -208,11 +211,14 @@ def test_gram_path_ridge_prefix_equals_merged_ridge(rng):
             np.testing.assert_allclose(coef, x[1:], atol=1e-10)
             np.testing.assert_allclose(b0, x[0], atol=1e-10)
         # alpha = 0: the minimum-norm least-squares solution (lstsq over the duplicates)
-        coef, b0, _ = path.solve(m, 0.0)
+        coef, b0, info = path.solve(m, 0.0)
         x = np.linalg.lstsq(np.column_stack([H[:, inverse[:m]], np.ones(50)]), Y,
-                            rcond=None)[0]
+                            rcond=info["cutoff"])[0]
         np.testing.assert_allclose(coef, x[:-1], atol=1e-8)
         np.testing.assert_allclose(b0, x[-1], atol=1e-8)
+        cut = dependent and m > 6  # neuron 6 (column 4) is the first to enter at m = 7
+        assert info["factor"] == ("eigh" if cut else "cholesky")
+        assert info["rank"] == path.distinct_in(m) + 1 - cut
 
 
 # --------------------------------------------------------------------------- conventions
