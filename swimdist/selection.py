@@ -168,7 +168,7 @@ class GramPath:
         Gx = self.G[np.ix_(idx, idx)]
         Gx[np.diag_indices_from(Gx)] += alpha
         try:
-            R = np.triu(blocked_cholesky(Gx))
+            R = blocked_cholesky(Gx)  # the solves read its upper triangle only
         except np.linalg.LinAlgError:
             raise ValidationError(f"A^T A + alpha I is not positive definite (alpha={alpha!r})"
                                   "; use a larger alpha.") from None
@@ -248,17 +248,18 @@ class GramPath:
             self._factor = None  # one factor at a time
             idx = np.concatenate([[self.n_u], np.arange(self.n_u)])
             try:
-                R = np.triu(blocked_cholesky(self.G[np.ix_(idx, idx)]))
+                R = blocked_cholesky(self.G[np.ix_(idx, idx)])  # upper triangle read only
             except np.linalg.LinAlgError:
                 # the leading block before the first non-positive pivot still factors
                 with single_thread_lapack():
                     c, info = sla.lapack.dpotrf(self.G[np.ix_(idx, idx)], lower=0,
                                                 overwrite_a=1)
-                R = np.triu(c[: max(info - 1, 0), : max(info - 1, 0)])
+                R = c[: max(info - 1, 0), : max(info - 1, 0)]
             self._zero = (None,)
             if R.shape[0]:
-                Rinv = sla.solve_triangular(R, np.eye(R.shape[0]), check_finite=False)
-                if np.isfinite(Rinv).all():
+                Rinv, info = sla.lapack.dtrtri(R, lower=0)
+                Rinv = np.triu(Rinv)  # exact zeros below the diagonal
+                if info == 0 and np.isfinite(Rinv).all():
                     Rinv *= Rinv
                     self._zero = (R, Rinv, self.B[idx])
         return None if self._zero[0] is None else self._zero
@@ -434,10 +435,15 @@ class _SWIMCVBase(_SWIMBase):
             flat = reduce_blocks(group_gram, A, (Yg,), (TILE, n_groups),
                                  length=n_groups * (n + K) ** 2, label="gram")
             flat = flat.reshape(n_groups, (n + K) ** 2)
-            parts = [_unpack(flat[g].copy(), n, K) for g in range(n_groups)]
-            del flat
-            G = sum(q[0] for q in parts)
-            B = sum(q[1] for q in parts)
+            G = B = None
+            parts = {}
+            for g in range(n_groups):
+                Gg, Bg, _ = _unpack(flat[g], n, K)
+                G = Gg.copy() if G is None else G.__iadd__(Gg)
+                B = Bg.copy() if B is None else B + Bg
+                if g in validated:  # the others are only needed in the total
+                    parts[g] = (Gg.copy(), Bg.copy())
+            del flat, Gg
             t3 = time.perf_counter()
             # the selection path of each validated group: trained on every other row
             coefs = np.zeros((len(validated), n, P, K))
