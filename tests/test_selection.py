@@ -305,3 +305,23 @@ def test_cli_select_writes_selection_json_and_the_best_model(tmp_path):
         assert "selection.png skipped" in r.output
     else:
         assert (out / "selection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_path_on_two_workers_and_from_a_feature_store_equals_threads(local_cluster_factory,
+                                                                     tmp_path, rng):
+    # the Gram and validation passes run on the workers over the feature blocks
+    X = rng.normal(size=(900, 5))
+    y = (np.sin(X[:, 0]) + X[:, 1] * X[:, 2] > 0).astype(int)
+    kw = dict(hidden_layer_sizes=(60,), widths=[20, 60], alphas=[0.0, 1e-3], cv=3,
+              random_state=5, chunk_rows=200)
+    ref = SWIMClassifierCV(**kw).fit(X, y)
+    local_cluster_factory(n_workers=2)
+    dist = SWIMClassifierCV(**kw).fit(X, y)
+    stored = SWIMClassifierCV(store=str(tmp_path / "features.zarr"), **kw).fit(X, y)
+    for other in (dist, stored):
+        np.testing.assert_array_equal(other.cv_results_["validation_score"],
+                                      ref.cv_results_["validation_score"])
+        np.testing.assert_allclose(other.decision_function_at(X, width=20, alpha=1e-3),
+                                   ref.decision_function_at(X, width=20, alpha=1e-3),
+                                   rtol=0, atol=1e-10)
+    assert stored.fit_info_["placement"] == "store"
