@@ -63,7 +63,6 @@ import numpy as np
 import scipy.linalg as sla
 
 from . import progress
-from ._dask import single_thread_lapack
 from .design import build_design, reduce_blocks
 from .estimators import SWIMClassifier, SWIMRegressor, _SWIMBase
 from .exceptions import NotFittedError, ValidationError
@@ -74,6 +73,7 @@ from .sampling import SAMPLERS, Layer, merge_duplicates, sample_layers
 from .validation import check_hidden_layer_sizes, check_nonnegative, check_positive_int, check_X
 
 logger = logging.getLogger("swimdist.selection")
+_EPS = float(np.finfo(np.float64).eps)
 
 __all__ = ["GramPath", "SWIMClassifierCV", "SWIMRegressorCV", "parse_grid", "plot_selection",
            "selection_report"]
@@ -207,61 +207,83 @@ class GramPath:
 
     def _zero_cholesky(self, m: int, d: int, counts: np.ndarray, cut: float):
         """The ``alpha = 0`` solution of width ``m`` from the nested Cholesky factor of the
-        distinct neurons' Gram matrix, when a bound proves the cutoff keeps every direction;
-        else None (the caller decomposes).
+        distinct neurons' Gram matrix, when the cutoff provably keeps every direction; else
+        None (the caller decomposes).
 
         The merged Gram matrix of width ``m`` is ``D G' D`` (``G'``: the leading block of the
         unscaled distinct Gram matrix, bias first; ``D = diag(1, sqrt(counts))``), whose
-        Cholesky factor is ``R' D`` with ``R'`` the leading block of ``G``'s factor. Its
-        smallest eigenvalue is at least ``1 / ||D^-1 R'^-1||_F^2`` (the inverse of a leading
-        block of a triangular matrix is the leading block of the inverse) and its largest at
-        most its trace: when ``1 / ||D^-1 R'^-1||_F^2 > 4 cut^2 trace``, no eigenvalue is cut
-        and the cutoff solution is the plain least-squares one, ``(D G' D)^-1 D b``.
+        Cholesky factor is ``R' D`` with ``R'`` the leading block of ``G``'s factor, so one
+        factorization serves every width. The proof: a Cholesky factorization of ``G - tau I``
+        that succeeds for its leading ``k`` columns shows ``lambda_min(G'_k) > tau - e``
+        (``e = 4 n eps lambda``: its rounding at the level :func:`.lstsq.normal.trusted_rcond`
+        assumes, not a worst-case bound), and ``lambda_min(D G' D) >= lambda_min(G')``
+        as ``D >= 1``; the largest eigenvalue is at most ``min(trace, ||D G' D||_inf)``. When
+        ``tau - e > cut^2`` times that, no direction is cut and the cutoff solution is the
+        plain least-squares one, ``(D G' D)^-1 D b``.
         """
         fac = self._zero_factor()
         if fac is None:
             return None
-        R, Rinv2, bz = fac
+        R, bz, certified, tau = fac
         k = d + 1
-        if k > R.shape[0]:
+        if k > certified:
             return None
-        Dinv2 = np.concatenate([[1.0], 1.0 / counts])  # 1 / D^2, bias first
-        frob2 = float(Dinv2 @ Rinv2[:k, :k].sum(axis=1))
-        diag = np.diagonal(self.G)
-        trace = float(diag[self.n_u] + counts @ diag[:d])
-        if not (frob2 > 0 and 1.0 / frob2 > 4 * cut * cut * trace):
+        if not tau > cut * cut * self._lam_up(d, counts):
             return None
         Rk = R[:k, :k]
         t = sla.solve_triangular(Rk, bz[:k], trans="T", check_finite=False)
         w = sla.solve_triangular(Rk, t, check_finite=False)  # G' w = b': per distinct neuron
-        # merged weight z = w sqrt(c); each of the c copies gets z / sqrt(c) ... = w / c
+        # merged weight z = w sqrt(c); each of its c copies gets z / sqrt(c) = w / c
         per_distinct = w[1:] / counts[:, None]
         self.info["cholesky_widths"] = self.info.get("cholesky_widths", 0) + 1
         return per_distinct[self.inverse[:m]], w[0], {"rank": k, "cutoff": cut,
                                                       "factor": "cholesky"}
 
+    def _lam_up(self, d: int, counts: np.ndarray) -> float:
+        """An upper bound of ``lambda_max(D G' D)`` (the merged Gram matrix of the first
+        ``d`` distinct neurons with multiplicities ``counts``): ``min(trace, ||.||_inf)``."""
+        Dsq = np.concatenate([[1.0], np.sqrt(counts[:d])])
+        sel = np.concatenate([[self.n_u], np.arange(d)])
+        trace = float(Dsq**2 @ np.diagonal(self.G)[sel])
+        inf = 0.0
+        for r0 in range(0, d + 1, 4096):  # a slab of rows at a time
+            rows = sel[r0:r0 + 4096]
+            inf = max(inf, float((Dsq[r0:r0 + 4096] *
+                                  (np.abs(self.G[np.ix_(rows, sel)]) @ Dsq)).max()))
+        return min(trace, inf)
+
     def _zero_factor(self):
-        """``(R, (R^-1)^2, b)`` of the unscaled distinct Gram matrix with the bias first,
-        computed once: its largest leading block that is numerically positive definite
-        (None when not even the bias is)."""
-        if self._zero is None:
-            self._factor = None  # one factor at a time
-            idx = np.concatenate([[self.n_u], np.arange(self.n_u)])
-            try:
-                R = blocked_cholesky(self.G[np.ix_(idx, idx)])  # upper triangle read only
-            except np.linalg.LinAlgError:
-                # the leading block before the first non-positive pivot still factors
-                with single_thread_lapack():
-                    c, info = sla.lapack.dpotrf(self.G[np.ix_(idx, idx)], lower=0,
-                                                overwrite_a=1)
-                R = c[: max(info - 1, 0), : max(info - 1, 0)]
-            self._zero = (None,)
-            if R.shape[0]:
-                Rinv, info = sla.lapack.dtrtri(R, lower=0)
-                Rinv = np.triu(Rinv)  # exact zeros below the diagonal
-                if info == 0 and np.isfinite(Rinv).all():
-                    Rinv *= Rinv
-                    self._zero = (R, Rinv, self.B[idx])
+        """``(R, b, certified, tau)`` for the unscaled distinct Gram matrix with the bias
+        first, computed once: ``R`` its Cholesky factor (its largest leading block that
+        factors), ``certified`` the order of the leading blocks whose smallest eigenvalue is
+        proven above ``tau`` (see :meth:`_zero_cholesky`); None when nothing factors."""
+        if self._zero is not None:
+            return None if self._zero[0] is None else self._zero
+        self._factor = None  # one factor at a time
+        n = self.n_u + 1
+        idx = np.concatenate([[self.n_u], np.arange(self.n_u)])
+        counts = np.bincount(self.inverse, minlength=self.n_u).astype(np.float64)
+        # tau: twice the width-M requirement cut^2 * lambda_max (bounded above)
+        cut = max(self.rcond, trusted_rcond(n))
+        lam_up = self._lam_up(self.n_u, counts)
+        rounding = 4 * n * _EPS * lam_up
+        tau = 2 * cut * cut * lam_up
+        S = self.G[np.ix_(idx, idx)]
+        S[np.diag_indices(n)] -= tau + rounding
+        try:
+            blocked_cholesky(S)
+            certified = n
+        except np.linalg.LinAlgError as exc:
+            certified = int(getattr(exc, "leading_order", 0))
+        del S
+        Gz = self.G[np.ix_(idx, idx)]
+        try:
+            R = blocked_cholesky(Gz)  # the solves read its upper triangle only
+        except np.linalg.LinAlgError as exc:
+            k = int(getattr(exc, "leading_order", 0))
+            R = Gz[:k, :k]
+            certified = min(certified, k)
+        self._zero = (R, self.B[idx], certified, tau) if R.shape[0] else (None,)
         return None if self._zero[0] is None else self._zero
 
     def distinct_coef(self, m: int, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:
@@ -448,6 +470,7 @@ class _SWIMCVBase(_SWIMBase):
             # the selection path of each validated group: trained on every other row
             coefs = np.zeros((len(validated), n, P, K))
             ranks = np.zeros((len(validated), P), dtype=np.intp)
+            factors = {"cholesky_widths": 0, "eigh_widths": 0}
             with progress.stage("path", total=len(validated) * P, unit="models") as st:
                 for i, g in enumerate(validated):
                     path = GramPath(G - parts[g][0], B - parts[g][1], merge.inverse,
@@ -459,6 +482,8 @@ class _SWIMCVBase(_SWIMBase):
                             coefs[i, :, k] = path.distinct_coef(m, c, b0)
                             ranks[i, k] = info["rank"]
                             st.update(1)
+                    for key in factors:
+                        factors[key] += path.info.get(key, 0)
                     del path
             t4 = time.perf_counter()
             stats = reduce_blocks(group_scores, A, (Yg,), (coefs, validated, clf),
@@ -511,7 +536,9 @@ class _SWIMCVBase(_SWIMBase):
                          "total": t6 - t0}
         self.fit_info_ = {"width": p["M"], "distinct": n_u, "merged_columns": merge.merged,
                           "points": P, "groups": n_groups, "placement": A.placement,
-                          "best_width": self.best_width_, "best_alpha": self.best_alpha_}
+                          "best_width": self.best_width_, "best_alpha": self.best_alpha_,
+                          "alpha0_cholesky_widths": factors["cholesky_widths"],
+                          "alpha0_eigh_widths": factors["eigh_widths"]}
         logger.info("path %s: %d widths x %d alphas, best width %d alpha %g (score %.4f), "
                     "%.2fs", type(self).__name__, len(widths), len(alphas), self.best_width_,
                     self.best_alpha_, self.best_score_, t6 - t0)
