@@ -30,11 +30,12 @@ Algorithm
      ``auto`` certifies for classification). The merged Gram matrix of width ``m`` is
      ``D_m G_u D_m`` on the leading distinct block (``D_m = sqrt(counts within m)``), whose
      Cholesky factor is ``R_u D_m`` with ``R_u`` the leading block of the factor of the
-     distinct Gram matrix ``G_u``: one factorization (and one triangular inverse, for the
-     bound) serves every width whose cutoff provably keeps every direction
-     (:meth:`GramPath._zero_cholesky`); a width where the bound fails gets its own
-     eigendecomposition, as a separate fit does (``sum_m 9 m^3`` flops in the worst case:
-     1.6x one at ``M`` for four widths, 5.5x for twenty).
+     distinct Gram matrix ``G_u``: one factorization serves every width, and one more, of
+     ``G_u - tau I``, proves for each width it reaches that the cutoff keeps every direction
+     (:meth:`GramPath._zero_cholesky`), so that the cutoff solution is the plain
+     least-squares one; a width where the proof fails gets its own eigendecomposition, as a
+     separate fit does (``sum_m 9 m^3`` flops in the worst case: 1.6x one at ``M`` for four
+     widths, 5.5x for twenty).
 
 4. One pass over the validation rows scores every (width, alpha) of every split; the
    best (highest mean score; ties: the narrower, then the more damped) is solved again

@@ -275,6 +275,10 @@ def _validate_select(spec: dict) -> None:
                 sel[key] = [v]
     except ValidationError as exc:
         raise JobSpecError(f"select.{key}: {exc}") from None
+    for key in ("widths", "alphas"):
+        if sel[key] is not None and (not isinstance(sel[key], list) or not sel[key]):
+            raise JobSpecError(f"select.{key} must be a non-empty list or grid; got "
+                               f"{sel[key]!r}.")
     if sel["widths"] is not None:
         if not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1
                    for w in sel["widths"]):

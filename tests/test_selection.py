@@ -325,3 +325,24 @@ def test_path_on_two_workers_and_from_a_feature_store_equals_threads(local_clust
                                    ref.decision_function_at(X, width=20, alpha=1e-3),
                                    rtol=0, atol=1e-10)
     assert stored.fit_info_["placement"] == "store"
+
+
+@pytest.mark.parametrize("select, msg", [
+    ({"widths": "10:x"}, "select.widths"),
+    ({"widths": []}, "non-empty"),
+    ({"widths": [10, 0]}, "integers >= 1"),
+    ({"alphas": [-1]}, "numbers >= 0"),
+    ({"alphas": "0", "cv": 1}, "select.cv"),
+    ({"alphas": "0", "validation_fraction": 1.5}, "validation_fraction"),
+])
+def test_job_spec_select_section(select, msg):
+    from swimdist.exceptions import JobSpecError
+    from swimdist.service import load_spec
+
+    spec = load_spec(None, {"model": {"hidden_layer_sizes": [50, 300]},
+                            "select": {"widths": "100:400:100", "alphas": "0,1e-4"}})
+    assert spec["select"]["widths"] == [100, 200, 300, 400]
+    assert spec["select"]["alphas"] == [0.0, 1e-4]
+    assert spec["model"]["hidden_layer_sizes"] == [50, 400]  # the widest is the layer
+    with pytest.raises(JobSpecError, match=msg):
+        load_spec(None, {"select": select})
