@@ -99,6 +99,11 @@ class _EchoHandler(logging.Handler):
 @click.option("--solver", default=None, help="Least-squares solver (default auto).")
 @click.option("--solver-option", "solver_option", multiple=True, metavar="KEY=VALUE",
               help="Extra solver argument, repeatable (e.g. tile=4000, gram_dtype=float32).")
+@click.option("--select", "select", multiple=True, metavar="KEY=VALUE",
+              help="Model selection, repeatable: widths=1000:20000:1000 (start:stop:step or a "
+                   "comma list), alphas=0,1e-6,1e-4, validation_fraction=0.1 or cv=5. Fits "
+                   "every (width, alpha) from one Gram pass, keeps the best as the model and "
+                   "writes selection.json (and selection.png with the [plot] extra).")
 @click.option("--rcond", type=float, default=None, help="Relative singular-value cutoff.")
 @click.option("--alpha", type=float, default=None, help="Tikhonov damping of the output layer.")
 @click.option("--seed", "random_state", type=int, default=None, help="Random seed.")
@@ -145,6 +150,23 @@ def train(config_path, **kw) -> None:
         opts[key.strip()] = yaml.safe_load(value)
     if opts:
         model["solver_options"] = opts
+    select: dict = {}
+    for item in kw.pop("select") or ():
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in ("widths", "alphas", "validation_fraction", "cv"):
+            _fail(SwimdistError(f"--select takes widths=..., alphas=..., validation_fraction=... "
+                                f"or cv=...; got {item!r}."))
+        value = value.strip()
+        if key in ("validation_fraction", "cv"):
+            try:
+                select[key] = float(value) if key == "validation_fraction" else int(value)
+            except ValueError:
+                _fail(SwimdistError(f"--select {key} must be a number; got {value!r}."))
+        else:
+            select[key] = value  # a grid: read by the job spec's validation
+    if select:
+        over["select"] = select
     distinct = kw.pop("distinct")
     if distinct is not None:
         model["replace"] = not distinct
@@ -212,6 +234,14 @@ def _print_metrics(m: dict) -> None:
             vals = ", ".join(f"{k} {v:.4g}" for k, v in m[split].items() if k != "n")
             click.echo(f"{split}: {vals} (n={m[split]['n']})")
     t = m.get("timings", {})
+    sel = m.get("selection")
+    if sel:
+        click.echo(f"selected width {sel['best_width']}, alpha {sel['best_alpha']:g} "
+                   f"(validation score {sel['best_score']:.4g}); path {t.get('total', 0):.2f} s "
+                   f"(sample {t.get('sample', 0):.2f}, features {t.get('features', 0):.2f}, "
+                   f"gram {t.get('gram', 0):.2f}, path {t.get('path', 0):.2f}, validation "
+                   f"{t.get('validation', 0):.2f})")
+        return
     click.echo(f"solver {m.get('solver')}, rank {m.get('rank')}, relative residual "
                f"{m.get('relative_residual', float('nan')):.3e}; fit {t.get('total', 0):.2f} s "
                f"(sample {t.get('sample', 0):.2f}, features {t.get('features', 0):.2f}, "

@@ -4,6 +4,20 @@ Randomness contract: layer ``l`` of a fit with seed ``s`` draws from
 ``numpy.random.default_rng(s)`` for ``l = 0`` (the reference implementation's stream, so a
 one-layer network with the same seed samples the same pairs as ``swimnetworks.Dense``) and
 ``default_rng([s, l])`` for deeper layers. Nothing depends on chunking or worker count.
+
+Prefix consistency: for ``sampler="swim"`` or ``"uniform"``, the first ``m`` neurons of a
+width-``M`` layer are the neurons of a width-``m`` layer with the same seed whenever both
+draw from the same candidate pool, i.e. ``ceil(m / N) == ceil(M / N)`` and neither reaches
+``max_candidates`` (every ``M <= N``: MNIST up to 60 000 neurons). With replacement this is
+numpy's own draw: ``Generator.choice(..., replace=True, p=p)`` maps one uniform per neuron
+through the inverse CDF, so the draws come in order (the reference's stream, unchanged).
+Without replacement the neurons are the candidates of the smallest keys ``E_k / p_k``
+(``E_k`` standard exponential; Efraimidis and Spirakis 2006), in increasing key order: a
+draw of successive sampling without replacement whose first ``m`` are the width-``m`` draw.
+numpy's ``choice(..., replace=False, p=p)`` redraws in rounds whose sizes depend on the
+width, so it is not prefix consistent; ``distinct_stream="numpy"`` keeps it (the stream of
+swimdist 0.x for ``replace=False``). ``sampler="random"`` keeps the reference's stream
+(weights, then biases), which is not prefix consistent in the biases.
 """
 
 from __future__ import annotations
@@ -22,6 +36,8 @@ from .exceptions import ValidationError
 logger = logging.getLogger("swimdist.sampling")
 
 SAMPLERS = ("swim", "uniform", "random")
+#: How distinct pairs (``replace=False``) are drawn: "keys" (prefix consistent), "numpy".
+DISTINCT_STREAMS = ("keys", "numpy")
 
 #: Distances below this count as this (the reference's ``dist_min``).
 DIST_MIN = 1e-10
@@ -170,7 +186,8 @@ def _rows_of(X, layers: list[Layer], li: int, i_from: np.ndarray, i_to: np.ndarr
 
 def sample_layers(X, Y: np.ndarray | None, hidden_layer_sizes, *, activation: str = "tanh",
                   sampler: str = "swim", classification: bool = False, seed: int = 0,
-                  replace: bool = True, max_candidates: int = 1_000_000) -> list[Layer]:
+                  replace: bool = True, max_candidates: int = 1_000_000,
+                  distinct_stream: str = "keys") -> list[Layer]:
     """Sample every hidden layer of a SWIM network.
 
     Parameters
@@ -189,7 +206,14 @@ def sample_layers(X, Y: np.ndarray | None, hidden_layer_sizes, *, activation: st
         False draws distinct pairs (no duplicate neurons).
     max_candidates : int
         Cap on the candidate pool (``N * max(1, ceil(M / N))`` pairs otherwise).
+    distinct_stream : {"keys", "numpy"}
+        ``replace=False`` only: "keys" draws the candidates of the smallest exponential keys
+        ``E / p`` (prefix consistent, module doc); "numpy" is ``Generator.choice(...,
+        replace=False, p=p)``, the stream of earlier releases.
     """
+    if distinct_stream not in DISTINCT_STREAMS:
+        raise ValidationError(f"Unknown distinct_stream {distinct_stream!r}; valid values are: "
+                              f"{', '.join(DISTINCT_STREAMS)}.")
     if sampler not in SAMPLERS:
         raise ValidationError(f"Unknown sampler {sampler!r}; valid samplers are: "
                               f"{', '.join(SAMPLERS)}.")
@@ -200,13 +224,15 @@ def sample_layers(X, Y: np.ndarray | None, hidden_layer_sizes, *, activation: st
             layers.append(_sample_layer(X, Y, layers, li, width, activation=activation,
                                         sampler=sampler, classification=classification,
                                         seed=seed, replace=replace,
-                                        max_candidates=max_candidates))
+                                        max_candidates=max_candidates,
+                                        distinct_stream=distinct_stream))
             st.update(1)
     return layers
 
 
 def _sample_layer(X, Y, layers: list[Layer], li: int, width: int, *, activation, sampler,
-                  classification, seed, replace, max_candidates) -> Layer:
+                  classification, seed, replace, max_candidates,
+                  distinct_stream="keys") -> Layer:
     """Layer ``li`` of :func:`sample_layers`, given the layers below it."""
     n = X.shape[0]
     rng = layer_rng(seed, li)
@@ -253,7 +279,10 @@ def _sample_layer(X, Y, layers: list[Layer], li: int, width: int, *, activation,
             f"Cannot draw {width} distinct neurons: only {np.count_nonzero(p)} candidate "
             "pairs have nonzero probability. Use replace=True or fewer neurons."
         )
-    sel = rng.choice(dist.shape[0], size=width, replace=replace, p=p)
+    if replace or distinct_stream == "numpy":
+        sel = rng.choice(dist.shape[0], size=width, replace=replace, p=p)
+    else:
+        sel = smallest_keys(p, width, rng)
     if whole is not None:  # one slice: its rows hold the chosen pairs' rows
         Z, pos_from, pos_to = whole[0], whole[1][sel], whole[2][sel]
     else:  # read just the chosen pairs' rows
@@ -261,6 +290,23 @@ def _sample_layer(X, Y, layers: list[Layer], li: int, width: int, *, activation,
     W, b = pairs_to_weights(Z[pos_from], Z[pos_to], activation)
     logger.info("layer %d: %d neurons from %d candidate pairs", li, width, n_cand)
     return Layer(W, b, activation, i_from[sel], i_to[sel])
+
+
+def smallest_keys(p: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``size`` distinct indices drawn with probabilities ``p`` without replacement, in
+    order of draw: the indices of the ``size`` smallest keys ``E_k / p_k`` (``E_k`` standard
+    exponential), by increasing key (Efraimidis and Spirakis 2006, in the exponential form
+    of their ``U^(1/p)`` keys). One key per candidate, drawn in candidate order, so the first
+    ``m`` of a draw of ``size`` are the draw of ``m``. Zero-probability candidates are never
+    drawn (infinite keys)."""
+    keys = rng.standard_exponential(p.shape[0])
+    with np.errstate(divide="ignore"):
+        keys = np.where(p > 0, keys / p, np.inf)
+    if size < keys.shape[0]:
+        part = np.argpartition(keys, size - 1)[:size]
+    else:
+        part = np.arange(keys.shape[0])
+    return part[np.lexsort((part, keys[part]))]
 
 
 # --------------------------------------------------------------------------- duplicates

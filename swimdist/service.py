@@ -74,6 +74,14 @@ DEFAULT_SPEC: dict[str, Any] = {
         "replace": True,
         "solver_options": {},
     },
+    # model selection: widths of the last hidden layer and alphas to choose from (either set:
+    # one pass fits the whole path, writes selection.json and selection.png)
+    "select": {
+        "widths": None,  # list or "start:stop:step" (stop included); the widest is the layer
+        "alphas": None,  # list or "0,1e-6,1e-4"; default [model.alpha]
+        "validation_fraction": 0.1,  # rows held out to choose (cv: null)
+        "cv": None,  # folds of k-fold cross-validation instead
+    },
     "store": None,
     "store_format": "zarr",  # zarr | npy (memory-mapped, local directories only)
     "output": "swimdist-output",
@@ -98,6 +106,9 @@ _TYPES: dict[str, tuple] = {
     "model.solver": (str,), "model.rcond": (int, float), "model.alpha": (int, float),
     "model.random_state": (int, type(None)), "model.chunk_rows": (int, type(None)),
     "model.feature_dtype": (str,), "model.replace": (bool,), "model.solver_options": (dict,),
+    "select.widths": (list, str, int, type(None)),
+    "select.alphas": (list, str, int, float, type(None)),
+    "select.validation_fraction": (int, float), "select.cv": (int, type(None)),
     "store": (str, type(None)), "store_format": (str,), "output": (str,),
     "cluster.tls_ca_file": (str, type(None)), "cluster.tls_cert": (str, type(None)),
     "cluster.tls_key": (str, type(None)),
@@ -232,6 +243,7 @@ def validate_spec(spec: dict) -> None:
     if m["feature_dtype"] not in ("float64", "float32"):
         raise JobSpecError(f"model.feature_dtype must be float64 or float32; got "
                            f"{m['feature_dtype']!r}.")
+    _validate_select(spec)
     for key in ("rcond", "alpha"):
         try:
             value = float(m[key])
@@ -239,6 +251,48 @@ def validate_spec(spec: dict) -> None:
             value = float("inf")
         if not np.isfinite(value) or value < 0:
             raise JobSpecError(f"model.{key} must be a finite number >= 0; got {m[key]!r}.")
+
+
+def selecting(spec: dict) -> bool:
+    """Whether the job fits a model-selection path (``select.widths`` or ``select.alphas``)."""
+    sel = spec["select"]
+    return sel["widths"] is not None or sel["alphas"] is not None
+
+
+def _validate_select(spec: dict) -> None:
+    """Read ``select`` grids into lists; the widest width becomes the last hidden layer."""
+    from .selection import parse_grid
+
+    sel = spec["select"]
+    if not selecting(spec):
+        return
+    try:
+        for key, integer in (("widths", True), ("alphas", False)):
+            v = sel[key]
+            if isinstance(v, str):
+                sel[key] = parse_grid(v, integer=integer)
+            elif isinstance(v, int | float) and not isinstance(v, bool):
+                sel[key] = [v]
+    except ValidationError as exc:
+        raise JobSpecError(f"select.{key}: {exc}") from None
+    for key in ("widths", "alphas"):
+        if sel[key] is not None and (not isinstance(sel[key], list) or not sel[key]):
+            raise JobSpecError(f"select.{key} must be a non-empty list or grid; got "
+                               f"{sel[key]!r}.")
+    if sel["widths"] is not None:
+        if not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1
+                   for w in sel["widths"]):
+            raise JobSpecError(f"select.widths must be integers >= 1; got {sel['widths']!r}.")
+        spec["model"]["hidden_layer_sizes"][-1] = max(sel["widths"])
+    if sel["alphas"] is not None and not all(
+            isinstance(a, int | float) and not isinstance(a, bool) and np.isfinite(a)
+            and a >= 0 for a in sel["alphas"]):
+        raise JobSpecError(f"select.alphas must be numbers >= 0; got {sel['alphas']!r}.")
+    f = sel["validation_fraction"]
+    if sel["cv"] is None and not 0 < f < 1:
+        raise JobSpecError(f"select.validation_fraction must be in (0, 1); got {f!r}.")
+    if sel["cv"] is not None and sel["cv"] < 2:
+        raise JobSpecError(f"select.cv must be an integer >= 2 or null; got {sel['cv']!r}.")
 
 
 def confine(path: str, root: str, key: str) -> str:
@@ -469,13 +523,26 @@ def load_data(data: dict, *, seed: int = 0):
     return X, y, Xt, yt, data["task"]
 
 
-def make_estimator(model: dict, task: str, store: str | None):
-    """The estimator a spec's ``model`` section describes."""
+def make_estimator(model: dict, task: str, store: str | None, select: dict | None = None):
+    """The estimator a spec's ``model`` section describes; with a ``select`` section that
+    sets widths or alphas, the CV estimator that chooses among them."""
     from .estimators import SWIMClassifier, SWIMRegressor
 
-    cls = SWIMClassifier if task == "classification" else SWIMRegressor
     kw = dict(model)
     kw["hidden_layer_sizes"] = tuple(kw["hidden_layer_sizes"])
+    if select is not None and (select["widths"] is not None or select["alphas"] is not None):
+        from .selection import SWIMClassifierCV, SWIMRegressorCV
+
+        cls = SWIMClassifierCV if task == "classification" else SWIMRegressorCV
+        alpha = kw.pop("alpha")
+        for key in ("solver", "solver_options"):  # the path solves from its Gram matrix
+            if kw.pop(key, None) not in (None, "auto", {}):
+                logger.warning("select: model.%s is not used; every point of the path is "
+                               "solved from one Gram matrix", key)
+        return cls(store=store, widths=select["widths"],
+                   alphas=select["alphas"] if select["alphas"] is not None else [alpha],
+                   validation_fraction=select["validation_fraction"], cv=select["cv"], **kw)
+    cls = SWIMClassifier if task == "classification" else SWIMRegressor
     return cls(store=store, **kw)
 
 
@@ -549,7 +616,7 @@ def _run_job(spec: dict, status: StatusRecord, performance_report: str | None,
             on_connect(client)
         X, y, Xt, yt, task = data or load_data(spec["data"], seed=seed)
         del data
-        est = make_estimator(spec["model"], task, spec["store"])
+        est = make_estimator(spec["model"], task, spec["store"], spec["select"])
         status.update(phase="fitting", task=task, n_train=int(X.shape[0]))
         report = (_performance_report(performance_report) if performance_report
                   else contextlib.nullcontext())
@@ -559,6 +626,11 @@ def _run_job(spec: dict, status: StatusRecord, performance_report: str | None,
         with report, dask.config.set(settings):
             est.fit(X, y)
         status.update(phase="evaluating", fit_info=est.fit_info_, timings=est.timings_)
+        selection = None
+        if hasattr(est, "best_estimator_"):
+            selection = _write_selection(est, out)
+            est = est.best_estimator_  # a plain model: evaluated and saved as any fit
+            est.timings_ = selection["timings"]
         metrics = {"train": evaluate(est, X, y, task), "timings": est.timings_,
                    "solver": est.fit_info_.get("solver"),
                    "relative_residual": est.fit_info_.get("relative_residual"),
@@ -566,8 +638,12 @@ def _run_job(spec: dict, status: StatusRecord, performance_report: str | None,
                    "iterations": est.fit_info_.get("iterations"),
                    "placement": est.fit_info_.get("placement"),
                    "placement_reason": est.fit_info_.get("placement_reason"),
-                   "solver_timings": {k: round(float(v), 3)
-                                      for k, v in est.solve_result_.timings.items()}}
+                   "solver_timings": ({k: round(float(v), 3)
+                                       for k, v in est.solve_result_.timings.items()}
+                                      if hasattr(est, "solve_result_") else {})}
+        if selection is not None:
+            metrics["selection"] = {k: selection[k] for k in ("best_width", "best_alpha",
+                                                              "best_score")}
         if plan is not None:
             metrics["memory_plan"] = plan.describe()
         if Xt is not None:
@@ -596,6 +672,19 @@ def _run_job(spec: dict, status: StatusRecord, performance_report: str | None,
         if cluster is not None:
             with contextlib.suppress(Exception):
                 cluster.close()
+
+
+def _write_selection(est, out: str) -> dict:
+    """``selection.json`` and ``selection.png`` (when matplotlib is there) of a CV fit."""
+    from .selection import plot_selection, selection_report
+
+    report = selection_report(est)
+    write_json(_join(out, "selection.json"), report)
+    png = plot_selection(report, _join(out, "selection.png"))
+    logger.info("selection: width %d, alpha %g (validation score %.4f) -> %s%s",
+                report["best_width"], report["best_alpha"], report["best_score"],
+                _join(out, "selection.json"), f", {png}" if png else "")
+    return report
 
 
 def _scheduler_lost(exc: BaseException, client, spec: dict, phase) -> SchedulerError | None:

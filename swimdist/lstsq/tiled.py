@@ -196,8 +196,14 @@ class PanelCholesky:
                     Rkk, info = sla.lapack.dpotrf(P[k][:, :k1 - k0], lower=0, clean=1,
                                                   overwrite_a=0)
                 if info != 0:
-                    raise np.linalg.LinAlgError(
+                    err = np.linalg.LinAlgError(
                         f"matrix is not positive definite (tile at {k0}, pivot {info})")
+                    # the leading k0 + info - 1 columns are factored: keep them in place
+                    # (callers that certify a leading block read them)
+                    good = max(info - 1, 0)
+                    P[k][:good, :good] = Rkk[:good, :good]
+                    err.leading_order = k0 + good
+                    raise err
                 P[k][:, :k1 - k0] = Rkk
                 if k1 == self.n:
                     st.update(1, work=work[k])
