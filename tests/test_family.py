@@ -22,7 +22,10 @@ N_PROBLEMS = 200
 #: Documented residual factors against gelsd's (same rcond) for a converged result. LSRN
 #: cuts at rcond on the sketch's singular values, which approximate A's only to a factor
 #: 1 +- sqrt(n / s): near the cutoff its rank may differ from gelsd's (README: 0.99-1.09x).
-FACTOR = {"direct": 1.0 + 1e-9, "normal": 1.01, "normal-verified": 1.01,
+#: direct is gelsd itself on the merged, power-of-two-scaled matrix: singular values that
+#: differ from the raw matrix's in their last bits move a direction across the rcond cutoff
+#: now and then (1 + 5.5e-9 on one problem with another CPU's OpenBLAS kernels).
+FACTOR = {"direct": 1.0 + 1e-8, "normal": 1.01, "normal-verified": 1.01,
           "sketch-direct": 1.01, "lsrn": 1.10, "auto": 1.01}
 OPTIONS = {"normal-verified": ("normal", {"verify": True})}
 SOLVERS = tuple(FACTOR)
