@@ -346,3 +346,22 @@ def test_job_spec_select_section(select, msg):
     assert spec["model"]["hidden_layer_sizes"] == [50, 400]  # the widest is the layer
     with pytest.raises(JobSpecError, match=msg):
         load_spec(None, {"select": select})
+
+
+def test_selection_png_is_skipped_with_a_message_without_matplotlib(tmp_path, monkeypatch,
+                                                                    caplog, rng):
+    import sys
+
+    from swimdist.selection import plot_selection, selection_report
+
+    X, y = rng.random((80, 3)), rng.integers(0, 2, 80)
+    cv = SWIMClassifierCV(hidden_layer_sizes=(20,), widths=[10, 20], alphas=[0, 1e-2],
+                          random_state=0).fit(X, y)
+    report = selection_report(cv)
+    assert report["cv_results"]["width"] == [10, 10, 20, 20]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    path = str(tmp_path / "selection.png")
+    with caplog.at_level("WARNING", logger="swimdist.selection"):
+        assert plot_selection(report, path) is None
+    assert "matplotlib not installed" in caplog.text and "selection.png skipped" in caplog.text
+    assert not (tmp_path / "selection.png").exists()
