@@ -23,25 +23,21 @@ THIN_BYTES = 4 * 2**20
 _EPS = float(np.finfo(np.float64).eps)
 
 __all__ = ["CONVERT_BYTES", "THIN_BYTES", "accept_gain", "f64_pieces", "gram_upper",
-           "thin_pieces", "verify_pass"]
+           "verify_pass"]
 
 
-def f64_pieces(a: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-    """``(start, rows as float64)`` pieces of ``a``, one at a time: ``a`` itself if float64."""
-    if a.dtype == np.float64:
-        yield 0, a
-        return
-    rows = max(1, CONVERT_BYTES // max(1, 8 * a.shape[1]))
-    for r in range(0, a.shape[0], rows):
-        yield r, np.asarray(a[r : r + rows], dtype=np.float64)
-
-
-def thin_pieces(a: np.ndarray, nbytes: int = THIN_BYTES) -> Iterator[tuple[int, np.ndarray]]:
-    """``(start, rows as float64)`` pieces of about ``nbytes`` each, for products that read
-    each piece twice (``a P`` then ``a^T t``): float64 rows are views, other dtypes are
-    converted into one reused buffer (valid until the next piece is drawn)."""
+def f64_pieces(a: np.ndarray, nbytes: int = CONVERT_BYTES, *, split: bool = False
+               ) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, rows as float64)`` pieces of about ``nbytes`` each, one at a time and valid
+    until the next is drawn: other dtypes are converted into one reused buffer; a float64
+    ``a`` is yielded as it is, or in row views of that size with ``split`` (products that
+    read each piece twice, ``a P`` then ``a^T t``, want it still in the cache the second
+    time: :data:`THIN_BYTES`)."""
     rows = max(1, nbytes // max(1, 8 * a.shape[1]))
     if a.dtype == np.float64:
+        if not split:
+            yield 0, a
+            return
         for r in range(0, a.shape[0], rows):
             yield r, a[r : r + rows]
         return

@@ -53,7 +53,7 @@ from ..design import as_design, reduce_blocks, row_chunked, rows_like
 from ..exceptions import ConvergenceWarning, ValidationError
 from ..validation import check_nonnegative, check_positive_int
 from ._common import digest_array, is_dask
-from .kernels import CONVERT_BYTES, thin_pieces
+from .kernels import CONVERT_BYTES, THIN_BYTES, f64_pieces
 from .result import LstsqResult
 
 logger = logging.getLogger("swimdist.lstsq")
@@ -262,7 +262,7 @@ def _ne_pass(a: np.ndarray, P: np.ndarray, bias: int) -> np.ndarray:
     nf = a.shape[1]
     out = np.zeros((nf + bias, P.shape[1]))
     Pf, outT = np.ascontiguousarray(P[:nf]), out[:nf].T  # outT: Fortran (K, nf), a view
-    for _, ab in thin_pieces(a):
+    for _, ab in f64_pieces(a, THIN_BYTES, split=True):
         t = ab @ Pf
         if bias:
             t += P[nf]
@@ -280,7 +280,7 @@ def _residual_pass(a: np.ndarray, y: np.ndarray, x: np.ndarray, bias: int) -> np
     out = np.zeros(n * K + K)
     acc = out[:n * K].reshape(n, K)
     accT, xf = acc[:nf].T, np.ascontiguousarray(x[:nf])
-    for r, ab in thin_pieces(a):
+    for r, ab in f64_pieces(a, THIN_BYTES, split=True):
         res = np.asarray(y[r:r + ab.shape[0]], dtype=np.float64) - ab @ xf
         if bias:
             res -= x[nf]
