@@ -40,8 +40,8 @@ from dataclasses import asdict, dataclass
 
 from . import config
 
-__all__ = ["Event", "Stage", "active", "counting", "format_event", "format_seconds", "report",
-           "stage", "track"]
+__all__ = ["Event", "Stage", "TaskWork", "active", "counting", "format_event", "format_seconds",
+           "report", "stage", "task_ticker", "track"]
 
 logger = logging.getLogger("swimdist.progress")
 
@@ -143,7 +143,9 @@ def report(verbose: int = 0, callback: Callable[[Event], None] | None = None, *,
         >= 1: a tqdm bar per stage on a terminal, plain log lines elsewhere.
     callback : callable, optional
         Called with every :class:`Event` (in the thread that made the update; keep it
-        quick). An exception it raises propagates into the stage.
+        quick). An exception it raises propagates into the stage, except from the updates
+        that running tasks report (:class:`TaskWork`), which come on the distributed
+        client's event loop, where distributed logs it.
     status : StatusRecord, optional
         A job's status record: its ``progress`` method receives every event.
 
@@ -358,3 +360,87 @@ def track(x, st: Stage, *, persist: bool = False, count=None):
         if fut.status != "finished":
             fut.result()  # the block's own error (a lost scheduler says so here)
     return y if persist else y.compute()
+
+
+# --------------------------------------------------------------------------- work inside tasks
+#: Seconds between a running task's reports of the work it has done.
+TICK_INTERVAL = 0.5
+
+
+class TaskWork:
+    """Work done inside a stage's long tasks, reported by the workers while they run.
+
+    A stage of a few long tasks running side by side (the Gram panels: as many as there are
+    workers, each a pass over every row) learns its rate only when one ends, and the first to
+    end is the smallest: its rate and ETA would say nothing for most of the stage. Each task
+    instead reports the work of every row block it finishes (:func:`task_ticker`), through
+    distributed's worker events (``Worker.log_event`` on the worker, ``Client.subscribe_topic``
+    here), so the stage's work done, and with it the ETA, follows the whole cluster.
+
+    ``topic`` goes to the tasks (None when the stage is reported nowhere: the tasks then send
+    nothing); :meth:`finish` counts a task that ended, with whatever work its reports missed.
+    """
+
+    def __init__(self, st: Stage, client):
+        import uuid
+
+        self.st, self._client = st, client
+        self._lock = threading.Lock()
+        self._reported: dict[str, float] = {}
+        self._finished: set[str] = set()
+        self.topic: str | None = None
+        if client is not None and not st._rep.silent:
+            self.topic = f"swimdist-progress-{uuid.uuid4().hex}"
+            client.subscribe_topic(self.topic, self._on_event)
+
+    def _on_event(self, event) -> None:
+        _, (key, work) = event
+        with self._lock:
+            if key in self._finished:
+                return
+            self._reported[key] = self._reported.get(key, 0.0) + float(work)
+        self.st.update(0, work=float(work))
+
+    def finish(self, key: str, work: float) -> None:
+        """Task ``key`` (of ``work`` in all) ended: one unit done, its unreported work added."""
+        with self._lock:
+            self._finished.add(key)
+            rest = float(work) - self._reported.pop(key, 0.0)
+        self.st.update(1, work=max(rest, 0.0))
+
+    def close(self) -> None:
+        if self.topic is not None:
+            with contextlib.suppress(Exception):  # a client already closed
+                self._client.unsubscribe_topic(self.topic)
+            self.topic = None
+
+    def __enter__(self) -> TaskWork:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def task_ticker(topic: str | None, key: str, interval: float = TICK_INTERVAL
+                ) -> Callable[[float], None]:
+    """In a task: ``tick(work)`` adds ``work`` done to task ``key``'s report on ``topic``
+    (:class:`TaskWork`), sent at most every ``interval`` seconds; a no-op without a topic
+    or outside a distributed worker."""
+    worker = None
+    if topic is not None:
+        with contextlib.suppress(ImportError, ValueError):
+            from distributed import get_worker
+
+            worker = get_worker()
+    if worker is None:
+        return lambda work: None
+    pending = [0.0, time.monotonic()]
+
+    def tick(work: float) -> None:
+        pending[0] += work
+        now = time.monotonic()
+        if now - pending[1] >= interval:
+            worker.log_event(topic, [key, pending[0]])
+            pending[0], pending[1] = 0.0, now
+
+    return tick

@@ -293,3 +293,42 @@ def test_the_heartbeat_brings_a_stalled_stage_eta_to_now(tmp_path, monkeypatch):
     assert ev["elapsed"] > 1.3 and ev["done"] == 1
     assert ev["eta"] == pytest.approx(3.0 * ev["elapsed"], rel=0.01)
     assert ev["rate"] == pytest.approx(1.0 / ev["elapsed"], rel=0.01)
+
+
+def _ticking_task(topic, key, steps, pause):
+    import time as _time
+
+    tick = progress.task_ticker(topic, key, interval=0.0)
+    for _ in range(steps):
+        _time.sleep(pause)
+        tick(1.0)
+    return key
+
+
+def test_long_tasks_report_their_work_while_they_run(local_cluster_factory):
+    """A stage of two long tasks side by side (as the Gram panels are) has a rate and an
+    ETA from the work the workers report, before either task ends; a finished task's
+    unreported work is counted when it ends, so the stage reaches its total work once."""
+    from distributed import as_completed
+
+    client = local_cluster_factory(n_workers=2)
+    events: list[Event] = []
+    with progress.report(callback=events.append):
+        with progress.stage("long tasks", total=2, unit="tasks", work=40.0) as st, \
+                progress.TaskWork(st, client) as tw:
+            assert tw.topic is not None
+            futs = {client.submit(_ticking_task, tw.topic, k, 10, 0.1, pure=False): k
+                    for k in ("a", "b")}
+            for fut in as_completed(list(futs)):
+                tw.finish(futs[fut], 20.0)
+            assert st.work_done == pytest.approx(40.0)
+    before = [e for e in events if e.stage == "long tasks" and e.done == 0 and e.eta is not None]
+    assert before, "no ETA before the first task ended"
+    assert events[-1].finished and events[-1].done == 2 and events[-1].eta == 0.0
+
+
+def test_without_a_report_tasks_send_nothing(local_cluster_factory):
+    client = local_cluster_factory(n_workers=1)
+    with progress.stage("quiet", total=1, work=1.0) as st, progress.TaskWork(st, client) as tw:
+        assert tw.topic is None  # estimators are quiet by default: no events at all
+    assert progress.task_ticker(None, "x")(1.0) is None

@@ -105,13 +105,16 @@ def _columns(read, Y, n_feat: int, bias: int, r0: int, r1: int, c0: int, out: np
     return blk
 
 
-def _panel_task(source, Y, n_feat, bias, N, rows, p, width, gram_dtype, out=None):
+def _panel_task(source, Y, n_feat, bias, N, rows, p, width, gram_dtype, out=None,
+                report=None):
     """Panel ``B[:, p0:p1]^T B[:, p0:width]`` summed over row blocks, in ``gram_dtype``.
 
     One GEMM per row block, accumulating in place (beta = 1) into the panel: C-ordered
     ``(p1 - p0, width - p0)``, handed to BLAS as its Fortran-ordered transpose, so no
     operand is copied. With ``out`` = (checkpoint directory, name) the panel is written
-    there (atomically) and the path returned instead of the array.
+    there (atomically) and the path returned instead of the array. ``report`` = (topic,
+    key): the work of each row block goes to the client's progress as it is done
+    (:class:`swimdist.progress.TaskWork`, in units of ``(p1 - p0) (width - p0)`` per pass).
     """
     read = source() if callable(source) and not isinstance(source, np.ndarray) else (
         lambda r0, r1, c0, c1, view=False: source[r0:r1, c0:c1])
@@ -120,12 +123,15 @@ def _panel_task(source, Y, n_feat, bias, N, rows, p, width, gram_dtype, out=None
     p0, p1 = p
     acc = np.zeros((p1 - p0, width - p0), dtype=dt)
     buf = np.empty((min(rows, N), width - p0), dtype=dt)
+    tick = progress.task_ticker(*report) if report is not None else None
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         bq = _columns(read, Y, n_feat, bias, r0, r1, p0, buf)  # (r1 - r0, width - p0)
         bp = bq[:, :p1 - p0]
         # acc^T (F-order) += bq^T bp: bq.T is Fortran-contiguous as it stands.
         gemm(1.0, bq.T, bp, beta=1.0, c=acc.T, overwrite_c=1)
+        if tick is not None:
+            tick((p1 - p0) * (width - p0) * (r1 - r0) / N)
     if out is None:
         return acc
     from ..store import save_npy_atomic
@@ -446,13 +452,16 @@ def _gram_panels(A, Y, n, K, *, reader, tile, gdt, checkpoint):
         from distributed import as_completed
 
         Yf = client.scatter(Y, hash=False)  # not broadcast=True: see _dask.broadcast
-        futs = {}
-        for i in todo:  # widest panels first: they take longest
-            out = None if checkpoint is None else (checkpoint.path, f"panel-{i}")
-            futs[client.submit(_panel_task, source, Yf, n_feat, bias, N, rows, tiles[i], width,
-                               gdt, out, pure=False, priority=len(tiles) - i)] = i
         with progress.stage("gram panels", total=len(todo), unit="panels",
-                            work=sum(work[i] for i in todo)) as st:
+                            work=sum(work[i] for i in todo)) as st, \
+                progress.TaskWork(st, client) as tw:
+            futs = {}
+            for i in todo:  # widest panels first: they take longest
+                out = None if checkpoint is None else (checkpoint.path, f"panel-{i}")
+                report = None if tw.topic is None else (tw.topic, str(i))
+                futs[client.submit(_panel_task, source, Yf, n_feat, bias, N, rows, tiles[i],
+                                   width, gdt, out, report, pure=False,
+                                   priority=len(tiles) - i)] = i
             for fut in as_completed(list(futs)):
                 i = futs[fut]
                 got = fut.result()
@@ -461,7 +470,7 @@ def _gram_panels(A, Y, n, K, *, reader, tile, gdt, checkpoint):
                     got = checkpoint.load_npy(f"panel-{i}")
                 panels[i] = np.asarray(got, dtype=np.float64)
                 del got
-                st.update(1, work=work[i])
+                tw.finish(str(i), work[i])
     else:
         with progress.stage("gram panels", total=len(todo), unit="panels",
                             work=sum(work[i] for i in todo)) as st:
