@@ -17,6 +17,29 @@ def is_dask(a) -> bool:
     return isinstance(a, da.Array)
 
 
+def looks_like_classification(Y) -> bool:
+    """True when ``Y`` holds class indicators: every entry 0 or 1 (one-hot, or multi-label)
+    or every entry -1 or +1 (one column per class or a single +-1 column)."""
+    return decision_rule(Y) is not None
+
+
+def decision_rule(Y: np.ndarray):
+    """How class decisions are read off scores fitted to indicator targets ``Y``:
+    ``("argmax", N)`` when every row has one positive entry (one-hot, or +-1 with one +1),
+    else ``(threshold, N K)`` with the threshold midway between the two target values
+    (0.5 for 0/1, 0 for +-1: multi-label or one binary column); None for other targets."""
+    Y = Y.compute() if is_dask(Y) else np.asarray(Y)
+    Y = Y.reshape(Y.shape[0], -1)
+    if not Y.size:
+        return None
+    lo = 0.0 if np.all((Y == 0) | (Y == 1)) else (-1.0 if np.all(np.abs(Y) == 1) else None)
+    if lo is None:
+        return None
+    if Y.shape[1] > 1 and np.all((Y > lo).sum(axis=1) == 1):
+        return "argmax", Y.shape[0]
+    return (lo + 1.0) / 2, Y.size
+
+
 def residual_norms(A, X: np.ndarray, Y) -> np.ndarray:
     """``||A X[:, k] - Y[:, k]||`` for every column k, in one pass over ``A``."""
     if is_dask(A) or is_dask(Y):

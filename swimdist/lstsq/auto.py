@@ -33,7 +33,7 @@ import numpy as np
 from .._dask import available_memory, client_memory, worker_memory
 from ..design import as_design
 from ..exceptions import ConvergenceWarning, ValidationError
-from ._common import is_dask
+from ._common import decision_rule, is_dask, looks_like_classification
 from .costs import TASK_OVERHEAD, Rates, machine_rates, rates_known
 from .normal import trusted_rcond
 from .result import LstsqResult
@@ -56,16 +56,6 @@ MAX_REFINE = 20
 
 __all__ = ["CALIBRATION_FLOPS", "CANDIDATES", "MAX_REFINE", "TASKS", "choose",
            "looks_like_classification", "predict", "solve_auto", "unresolved_budget"]
-
-
-def looks_like_classification(Y) -> bool:
-    """True when ``Y`` holds class indicators: every entry 0 or 1 (one-hot, or multi-label)
-    or every entry -1 or +1 (one column per class or a single +-1 column)."""
-    Yn = Y.compute() if is_dask(Y) else np.asarray(Y)
-    Yn = Yn.reshape(Yn.shape[0], -1)
-    if Yn.size == 0:
-        return False
-    return bool(np.all((Yn == 0) | (Yn == 1)) or np.all(np.abs(Yn) == 1))
 
 
 # --------------------------------------------------------------------------- byte counts
@@ -411,6 +401,8 @@ def solve_auto(
             Ac = design.with_array(A.astype(np.float64))
         if cand == "normal-tiled":
             opts.setdefault("gram_dtype", "float32" if classification else "float64")
+            if classification and decision_rule(Y) is not None:
+                opts.setdefault("stop", "decisions")  # the accuracy settles long before
         if cand == "normal":
             opts.update(accept_tol=accept_tol)
             if alpha == 0:
