@@ -636,6 +636,7 @@ def _run_job(spec: dict, status: StatusRecord, performance_report: str | None,
                    "relative_residual": est.fit_info_.get("relative_residual"),
                    "rank": est.fit_info_.get("rank"),
                    "iterations": est.fit_info_.get("iterations"),
+                   "stop": est.fit_info_.get("stop"),  # what ended an iterative solver
                    "placement": est.fit_info_.get("placement"),
                    "placement_reason": est.fit_info_.get("placement_reason"),
                    "solver_timings": ({k: round(float(v), 3)

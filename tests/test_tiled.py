@@ -278,3 +278,112 @@ def test_fast_pass_kernels_agree_with_dense_products():
         np.testing.assert_allclose(sk[:-1].reshape(58, 4), b.T @ (b @ om), rtol=tol,
                                    atol=tol * np.abs(b.T @ (b @ om)).max())
         np.testing.assert_allclose(sk[-1], np.sum(b**2), rtol=1e-5)
+
+
+# ------------------------------------------------------------------ the accuracy stop
+@pytest.mark.parametrize("dtype, bias", [(np.float32, 1), (np.float64, 0), (np.float32, 0)])
+def test_ne_pass_counts_the_iterates_wrong_decisions(dtype, bias):
+    from swimdist.lstsq.tiled import _ne_errors_pass, _ne_pass
+
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((20000, 57)).astype(dtype)  # more rows than one cached piece
+    b = np.c_[a.astype(np.float64), np.ones(20000)] if bias else a.astype(np.float64)
+    n, K = b.shape[1], 4
+    P = rng.standard_normal((n, 2 * K))
+    score = b @ P[:, K:]
+    Y = np.eye(K)[rng.integers(0, K, 20000)]
+    Ypm = np.where(rng.random((20000, K)) < 0.5, -1.0, 1.0)  # multi-label +-1
+    for y, rule, want in ((Y, "argmax", np.count_nonzero(score.argmax(1) != Y.argmax(1))),
+                          (Ypm, 0.0, np.count_nonzero((score > 0) != (Ypm > 0)))):
+        out = _ne_errors_pass(a, y, P, bias, rule)
+        assert out[-1] == want
+        np.testing.assert_allclose(out[:-1].reshape(n, K), b.T @ (b @ P[:, :K]), rtol=1e-10,
+                                   atol=1e-8)
+    np.testing.assert_allclose(_ne_pass(a, P[:, :K], bias).reshape(n, K),
+                               b.T @ (b @ P[:, :K]), rtol=1e-10, atol=1e-8)
+
+
+@pytest.mark.parametrize("Y, rule", [
+    (np.eye(3)[[0, 1, 2, 1]], ("argmax", 4)),  # one-hot
+    (2 * np.eye(3)[[0, 1, 2, 1]] - 1, ("argmax", 4)),  # +-1, one +1 per row
+    (np.array([[1, 1], [0, 1], [0, 0]]), (0.5, 6)),  # multi-label
+    (np.array([[1.0], [-1.0], [1.0]]), (0.0, 3)),  # one +-1 column
+    (np.array([[0.5], [1.0]]), None),  # regression
+])
+def test_decision_rule(Y, rule):
+    from swimdist.lstsq._common import decision_rule
+
+    assert decision_rule(Y) == rule
+
+
+def _classes(seed, N=4000, n=400, K=6):
+    """Tanh features of low-dimensional inputs (numerically rank-deficient, as SWIM's
+    are), labels from a noisy linear score of them, and a held-out part."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((N + 2000, 8))
+    A = np.tanh(X @ rng.standard_normal((8, n)) + rng.standard_normal(n))
+    s = A @ rng.standard_normal((n, K))
+    lab = (s + 0.3 * s.std() * rng.standard_normal(s.shape)).argmax(1)
+    return A[:N], np.eye(K)[lab[:N]], A[N:], lab[N:]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_accuracy_stop_ends_at_the_converged_error(seed):
+    """On a family of ill-conditioned classification problems with a loose float32
+    preconditioner (the objective stop takes 18-31 steps), the accuracy stop ends sooner,
+    at the training and held-out error of the converged ridge solution to 0.5 points
+    (ten of the 2000 held-out rows)."""
+    import warnings
+
+    from swimdist.exceptions import ConvergenceWarning
+
+    A, Y, At, lab = _classes(seed)
+    opts = dict(gram_dtype="float32", precond_ridge=1.0, max_iter=60)  # CG takes steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ref = solve(A, Y, method="normal-tiled", max_iter=400, gram_dtype="float32",
+                    accept_tol=1e-4)
+        obj = solve(A, Y, method="normal-tiled", **opts)
+        acc = solve(A, Y, method="normal-tiled", stop="accuracy", **opts)
+        first = solve(A, Y, method="normal-tiled", gram_dtype="float32", precond_ridge=1.0,
+                      max_iter=0)
+    assert acc.converged and acc.info["stop"] == "accuracy"
+    assert acc.iterations < obj.iterations
+    errs = acc.info["train_errors"]  # of x_0 .. x_{k-1}, counted inside the passes
+    ytr = Y.argmax(1)
+    assert len(errs) == acc.iterations
+    assert errs[0] == pytest.approx(np.mean((A @ first.solution).argmax(1) != ytr))
+    for M, lab_ in ((A, ytr), (At, lab)):
+        e = [np.mean((M @ r.solution).argmax(1) != lab_) for r in (acc, ref)]
+        assert abs(e[0] - e[1]) <= 0.005, e
+
+
+def test_accuracy_stop_needs_class_indicators():
+    p = make_lstsq_problem(300, 10, n_rhs=2, seed=0)
+    with pytest.raises(ValidationError, match="class-indicator"):
+        solve(p["A"], p["Y"], method="normal-tiled", stop="accuracy")
+    with pytest.raises(ValidationError, match="stop must be"):
+        solve(p["A"], p["Y"], method="normal-tiled", stop="soon")
+
+
+def test_classifier_with_the_accuracy_stop_streams_from_a_store(tmp_path, rng,
+                                                                local_cluster_factory):
+    """Through the estimator on a 2-worker cluster, from the feature store: the store
+    passes count the training errors too, and the fit classifies held-out rows as the
+    objective stop's does."""
+    local_cluster_factory(n_workers=2)
+    X = rng.standard_normal((3000, 6))
+    y = (np.sin(2 * X[:, 0]) + X[:, 1] * X[:, 2] > 0).astype(int) + (X[:, 3] > 1)
+    fits = {}
+    for stop in ("accuracy", "objective"):
+        est = SWIMClassifier(hidden_layer_sizes=(200,), solver="normal-tiled",
+                             solver_options={"stop": stop, "tile": 64,
+                                             "gram_dtype": "float32"},
+                             random_state=0, store=str(tmp_path / stop), chunk_rows=500)
+        fits[stop] = est.fit(X[:2500], y[:2500])
+    errs = fits["accuracy"].fit_info_["train_errors"]  # counted in the store passes
+    assert errs and errs[-1] == pytest.approx(
+        np.mean(fits["accuracy"].predict(X[:2500]) != y[:2500]), abs=0.01)
+    assert "train_errors" not in fits["objective"].fit_info_
+    agree = np.mean(fits["accuracy"].predict(X[2500:]) == fits["objective"].predict(X[2500:]))
+    assert agree >= 0.99

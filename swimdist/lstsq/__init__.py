@@ -19,6 +19,11 @@ Options are keyword-only parameters with one meaning each across solvers
 ``accept_tol``          accept ``X`` when the refinement step ``D`` has
                         ``||A D|| <= accept_tol ||Y - A X||`` (normal, sketch-direct, auto)
 ``cg_tol``              CG stop on the normal equations' relative residual (normal-tiled)
+``stop``                what ends normal-tiled's CG: ``"objective"`` (its error estimate)
+                        or ``"accuracy"`` (the training error stopped improving; auto's
+                        choice for classification)
+``accuracy_tol``        ``stop="accuracy"``: the training-error improvement that counts,
+                        within ``n_iter_no_change`` steps
 ``sweep_tol``           split: stop when a sweep lowers the residual by less than this
 ``max_iter``            most Krylov iterations, one pass over ``A`` each
 ``tile``                most columns per Gram-matrix tile

@@ -402,7 +402,7 @@ def solve_auto(
         if cand == "normal-tiled":
             opts.setdefault("gram_dtype", "float32" if classification else "float64")
             if classification and decision_rule(Y) is not None:
-                opts.setdefault("stop", "decisions")  # the accuracy settles long before
+                opts.setdefault("stop", "accuracy")  # the error settles long before
         if cand == "normal":
             opts.update(accept_tol=accept_tol)
             if alpha == 0:
