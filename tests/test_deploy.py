@@ -296,3 +296,21 @@ def test_kustomize_job_specs_accepted_by_swimdist(tmp_path):
     for f in files:
         spec = service.load_spec(str(f))
         assert spec["output"] == yaml.safe_load(f.read_text())["output"], f
+
+
+def test_image_workers_keep_glibc_malloc_tuning(tmp_path, monkeypatch):
+    """The image's /etc/dask file unsets distributed's MALLOC_TRIM_THRESHOLD_ for the
+    processes a nanny spawns, as the embedded cluster does (swimdist/cluster.py)."""
+    import dask
+    import yaml
+    from distributed.nanny import _get_env_variables
+
+    text = (DEPLOY / "Dockerfile").read_text()
+    m = re.search(r"printf '([^']*)'\s*\\\s*\n\s*> (/etc/dask/\S+\.yaml)", text)
+    assert m, "deploy/Dockerfile must write a dask config file under /etc/dask"
+    cfg = yaml.safe_load(m.group(1).encode().decode("unicode_escape"))
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    assert "MALLOC_TRIM_THRESHOLD_" in _get_env_variables("distributed.nanny.pre-spawn-environ")
+    with dask.config.set(cfg):
+        assert "MALLOC_TRIM_THRESHOLD_" not in _get_env_variables(
+            "distributed.nanny.pre-spawn-environ")
