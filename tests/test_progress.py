@@ -74,6 +74,8 @@ def data():
     ("split", {"n_splits": 4, "sub_solver": "direct"}, None, {"split blocks": True}),
     # the one-pass Gram matrix
     ("normal", {}, None, {"gram": True}),
+    # ... and its verification passes, iterations with the possible gain against accept_tol
+    ("normal", {"verify": True}, None, {"gram": True, "verification": False}),
 ])
 def test_each_stage_reports(data, tmp_path, solver, options, store, expect):
     X, y = data

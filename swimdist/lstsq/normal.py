@@ -176,60 +176,64 @@ def _verified(
     rank, converged, rr, x_out = int(res1.sum()), False, None, x
     mu = W = None
     kz = 0
-    for _it in range(max(1, max_refine)):
-        # The first pass forms Z^T Z (Z = A V0); later ones are thin (A^T R and ||R||^2):
-        # Z^T R = V0^T (A^T R), whose rounding (eps ||A|| ||R||) is far below Z's scale.
-        V0p = V0 if mu is None else np.zeros((n, 0))
-        kp = V0p.shape[1]
-        flat = reduce_blocks(
-            verify_pass,
-            A,
-            (Y,),
-            (V0p, x),
-            length=kp * kp + kp * K + K + n * K,
-            split_every=split_every,
-        )
-        rr = flat[kp * kp + kp * K : kp * kp + kp * K + K]
-        AtR = flat[kp * kp + kp * K + K :].reshape(n, K)
-        x_out = x
-        history.append(math.sqrt(float(rr.sum())) / ynorm)
-        # refinement step in the resolved subspace
-        C1 = V1.T @ AtR
-        d1 = V1 @ (C1 / lam1[:, None])
-        gain2 = float(np.sum(C1 * C1 / lam1[:, None]))
-        # least squares in the unresolved subspace, from Z's own Gram matrix
-        d0 = 0.0
-        if k:
-            if mu is None:
-                mu, W = np.linalg.eigh(flat[: k * k].reshape(k, k))
-            ZtR = V0.T @ AtR
-            zero_floor = trust * k * _EPS * max(float(mu[-1]), 0.0)
-            # Z = A V0 itself is only known to about sqrt(n) eps sigma_max
-            noise2 = (64 * math.sqrt(n) * _EPS) ** 2 * lam_max
-            keep = mu > max(cut2, zero_floor, noise2)
-            kz = int(keep.sum())
-            if kz:
-                C0 = W[:, keep].T @ ZtR
-                d0 = V0 @ (W[:, keep] @ (C0 / mu[keep][:, None]))
-                gain2 += float(np.sum(C0 * C0 / mu[keep][:, None]))
-            info["unresolved_kept"] = kz
-            if cut2 < zero_floor and mu[-1] > cut2:
-                info["unresolvable"] = True  # rcond below what Z^T Z resolves
-        rank = int(res1.sum()) + kz
-        rel, ok = accept_gain(
-            gain2,
-            float(rr.sum()),
-            tol=tol,
-            sigma_max=math.sqrt(lam_max),
-            xnorm=float(np.linalg.norm(x)),
-            ynorm=ynorm,
-            n=n,
-        )
-        info["refine_gain"] = rel
-        if ok and not info.get("unresolvable"):
-            converged = True
-            break
-        x = x + d1 + d0
+    # the passes are iterations: each shows the residual reduction still possible against
+    # accept_tol
+    with progress.stage("verification", unit="passes", target=tol) as st:
+        for _it in range(max(1, max_refine)):
+            # The first pass forms Z^T Z (Z = A V0); later ones are thin (A^T R and ||R||^2):
+            # Z^T R = V0^T (A^T R), whose rounding (eps ||A|| ||R||) is far below Z's scale.
+            V0p = V0 if mu is None else np.zeros((n, 0))
+            kp = V0p.shape[1]
+            flat = reduce_blocks(
+                verify_pass,
+                A,
+                (Y,),
+                (V0p, x),
+                length=kp * kp + kp * K + K + n * K,
+                split_every=split_every,
+            )
+            rr = flat[kp * kp + kp * K : kp * kp + kp * K + K]
+            AtR = flat[kp * kp + kp * K + K :].reshape(n, K)
+            x_out = x
+            history.append(math.sqrt(float(rr.sum())) / ynorm)
+            # refinement step in the resolved subspace
+            C1 = V1.T @ AtR
+            d1 = V1 @ (C1 / lam1[:, None])
+            gain2 = float(np.sum(C1 * C1 / lam1[:, None]))
+            # least squares in the unresolved subspace, from Z's own Gram matrix
+            d0 = 0.0
+            if k:
+                if mu is None:
+                    mu, W = np.linalg.eigh(flat[: k * k].reshape(k, k))
+                ZtR = V0.T @ AtR
+                zero_floor = trust * k * _EPS * max(float(mu[-1]), 0.0)
+                # Z = A V0 itself is only known to about sqrt(n) eps sigma_max
+                noise2 = (64 * math.sqrt(n) * _EPS) ** 2 * lam_max
+                keep = mu > max(cut2, zero_floor, noise2)
+                kz = int(keep.sum())
+                if kz:
+                    C0 = W[:, keep].T @ ZtR
+                    d0 = V0 @ (W[:, keep] @ (C0 / mu[keep][:, None]))
+                    gain2 += float(np.sum(C0 * C0 / mu[keep][:, None]))
+                info["unresolved_kept"] = kz
+                if cut2 < zero_floor and mu[-1] > cut2:
+                    info["unresolvable"] = True  # rcond below what Z^T Z resolves
+            rank = int(res1.sum()) + kz
+            rel, ok = accept_gain(
+                gain2,
+                float(rr.sum()),
+                tol=tol,
+                sigma_max=math.sqrt(lam_max),
+                xnorm=float(np.linalg.norm(x)),
+                ynorm=ynorm,
+                n=n,
+            )
+            info["refine_gain"] = rel
+            st.update(1, residual=rel)
+            if ok and not info.get("unresolvable"):
+                converged = True
+                break
+            x = x + d1 + d0
     info["verify_passes"] = _it + 1
     if not converged:
         info["reason"] = (
