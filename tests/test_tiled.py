@@ -94,14 +94,24 @@ def test_checkpoint_resume_gives_the_same_solution(tmp_path):
     np.testing.assert_allclose(other.solution, 2 * ref.solution, rtol=1e-8, atol=1e-10)
 
 
-def test_panel_cholesky_solves():
+@pytest.mark.parametrize("order", ["F", "C"])
+def test_panel_cholesky_solves(order):
+    """Fortran-ordered panels (the solver's own: factored in place) and C-ordered ones
+    (views of a square, as blocked_cholesky has them) give the same factor."""
+    import scipy.linalg as sla
+
     from swimdist.lstsq.tiled import PanelCholesky, _tiles
 
     rng = np.random.default_rng(5)
     B = rng.standard_normal((400, 90))
     G = B.T @ B
     tiles = _tiles(90, 25)
-    chol = PanelCholesky([G[a:b, a:].copy() for a, b in tiles], tiles).factor(column_block=30)
+    panels = [G[a:b, a:].copy(order=order) for a, b in tiles]
+    chol = PanelCholesky(panels, tiles).factor(column_block=30)
+    assert all(P.flags.f_contiguous == (order == "F") for P in chol.panels)
+    R = sla.cholesky(G, lower=False)
+    for (a, b), P in zip(tiles, chol.panels, strict=True):
+        np.testing.assert_allclose(np.triu(P), R[a:b, a:], rtol=1e-10, atol=1e-10)
     X = rng.standard_normal((90, 3))
     np.testing.assert_allclose(chol.solve(G @ X), X, rtol=1e-9, atol=1e-9)
 

@@ -109,10 +109,11 @@ def _panel_task(source, Y, n_feat, bias, N, rows, p, width, gram_dtype, out=None
                 report=None):
     """Panel ``B[:, p0:p1]^T B[:, p0:width]`` summed over row blocks, in ``gram_dtype``.
 
-    One GEMM per row block, accumulating in place (beta = 1) into the panel: C-ordered
-    ``(p1 - p0, width - p0)``, handed to BLAS as its Fortran-ordered transpose, so no
-    operand is copied. With ``out`` = (checkpoint directory, name) the panel is written
-    there (atomically) and the path returned instead of the array. ``report`` = (topic,
+    One GEMM per row block, accumulating in place (beta = 1) into the panel, Fortran-ordered
+    ``(p1 - p0, width - p0)`` as :class:`PanelCholesky` wants it; the block's columns go
+    to BLAS as their Fortran-ordered transpose (only the panel's own ``p1 - p0`` columns of
+    the block are copied). With ``out`` = (checkpoint directory, name) the panel is
+    written there (atomically) and the path returned instead of the array. ``report`` = (topic,
     key): the work of each row block goes to the client's progress as it is done
     (:class:`swimdist.progress.TaskWork`, in units of ``(p1 - p0) (width - p0)`` per pass).
     """
@@ -121,15 +122,15 @@ def _panel_task(source, Y, n_feat, bias, N, rows, p, width, gram_dtype, out=None
     dt = np.dtype(gram_dtype)
     gemm = sla.blas.sgemm if dt == np.float32 else sla.blas.dgemm
     p0, p1 = p
-    acc = np.zeros((p1 - p0, width - p0), dtype=dt)
+    acc = np.zeros((p1 - p0, width - p0), dtype=dt, order="F")
     buf = np.empty((min(rows, N), width - p0), dtype=dt)
     tick = progress.task_ticker(*report) if report is not None else None
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         bq = _columns(read, Y, n_feat, bias, r0, r1, p0, buf)  # (r1 - r0, width - p0)
-        bp = bq[:, :p1 - p0]
-        # acc^T (F-order) += bq^T bp: bq.T is Fortran-contiguous as it stands.
-        gemm(1.0, bq.T, bp, beta=1.0, c=acc.T, overwrite_c=1)
+        # acc (F-order) += bp^T bq with bp = bq[:, :p1 - p0]: bq.T is Fortran-contiguous
+        # as it stands (op(b) = bq), bp^T = bq.T[:p1 - p0] is copied by f2py
+        gemm(1.0, bq.T[:p1 - p0], bq.T, trans_b=1, beta=1.0, c=acc, overwrite_c=1)
         if tick is not None:
             tick((p1 - p0) * (width - p0) * (r1 - r0) / N)
     if out is None:
@@ -143,7 +144,11 @@ def _panel_task(source, Y, n_feat, bias, N, rows, p, width, gram_dtype, out=None
 class PanelCholesky:
     """Upper Cholesky factor of a symmetric matrix held as row panels of its upper triangle.
 
-    ``panels[k]`` holds rows ``tiles[k]`` and columns ``tiles[k][0]:`` (float64, C order).
+    ``panels[k]`` holds rows ``tiles[k]`` and columns ``tiles[k][0]:`` (float64; Fortran
+    order is the fast layout: the diagonal tile ``P[:, :m]`` and every column block are then
+    contiguous, so potrf, trsm and the trailing GEMMs work in place with no copies, and the
+    triangular solves pass the tiles to BLAS as they are; C-ordered views, as
+    :func:`blocked_cholesky` has them, work too, at the cost of those copies).
     (A float32 factor was tried: half the memory and time, but its rounding, about
     eps32 ||G|| and so above the preconditioner's ridge, slowed CG down on ill-conditioned
     tests, and a slightly inexact preconditioner stalls CG near float32's resolution.)
@@ -198,33 +203,45 @@ class PanelCholesky:
         work = [(len(T) - k) * (len(T) - k + 1) // 2 for k in range(len(T))]
         with progress.stage("factorization", total=len(T), unit="tiles", work=sum(work)) as st:
             for k, (k0, k1) in enumerate(T):
-                with single_thread_lapack():
-                    Rkk, info = sla.lapack.dpotrf(P[k][:, :k1 - k0], lower=0, clean=1,
-                                                  overwrite_a=0)
+                diag = P[k][:, :k1 - k0]
+                with single_thread_lapack():  # in place when diag is Fortran-contiguous
+                    Rkk, info = sla.lapack.dpotrf(diag, lower=0, clean=1, overwrite_a=1)
+                inplace = np.shares_memory(Rkk, diag)
                 if info != 0:
                     err = np.linalg.LinAlgError(
                         f"matrix is not positive definite (tile at {k0}, pivot {info})")
                     # the leading k0 + info - 1 columns are factored: keep them in place
                     # (callers that certify a leading block read them)
                     good = max(info - 1, 0)
-                    P[k][:good, :good] = Rkk[:good, :good]
+                    if not inplace:
+                        diag[:good, :good] = Rkk[:good, :good]
                     err.leading_order = k0 + good
                     raise err
-                P[k][:, :k1 - k0] = Rkk
+                if not inplace:
+                    diag[...] = Rkk
+                Rkk = diag
                 if k1 == self.n:
                     st.update(1, work=work[k])
                     break
                 for c0 in range(k1, self.n, column_block):  # R_k,later = R_kk^{-T} G_k,later
                     c1 = min(self.n, c0 + column_block)
-                    P[k][:, c0 - k0:c1 - k0] = sla.blas.dtrsm(
-                        1.0, Rkk, P[k][:, c0 - k0:c1 - k0], side=0, lower=0, trans_a=1)
+                    blk = P[k][:, c0 - k0:c1 - k0]
+                    got = sla.blas.dtrsm(1.0, Rkk, blk, side=0, lower=0, trans_a=1,
+                                         overwrite_b=1)
+                    if not np.shares_memory(got, blk):
+                        blk[...] = got
                 Rk = P[k]
                 for j in range(k + 1, len(T)):
                     j0, j1 = T[j]
                     Rkj = Rk[:, j0 - k0:j1 - k0]
                     for c0 in range(j0, self.n, column_block):  # G_j,l -= R_kj^T R_kl, l >= j
                         c1 = min(self.n, c0 + column_block)
-                        P[j][:, c0 - j0:c1 - j0] -= Rkj.T @ Rk[:, c0 - k0:c1 - k0]
+                        blk = P[j][:, c0 - j0:c1 - j0]
+                        if blk.flags.f_contiguous:  # in place, no temporary (beta = 1)
+                            sla.blas.dgemm(-1.0, Rkj, Rk[:, c0 - k0:c1 - k0], beta=1.0,
+                                           c=blk, trans_a=1, overwrite_c=1)
+                        else:
+                            blk -= Rkj.T @ Rk[:, c0 - k0:c1 - k0]
                 st.update(1, work=work[k])
         return self
 
@@ -423,8 +440,9 @@ class _StorePasses:
 
 
 def _gram_panels(A, Y, n, K, *, reader, tile, gdt, checkpoint):
-    """The upper triangle of ``[A | Y]^T [A | Y]`` as float64 row panels (``reader``: the
-    store's column reader, called on the worker: it opens the store there)."""
+    """The upper triangle of ``[A | Y]^T [A | Y]`` as Fortran-ordered float64 row panels
+    (``reader``: the store's column reader, called on the worker: it opens the store
+    there)."""
     if reader is not None:
         source = reader  # panel tasks choose their own row blocks (below)
         n_feat, bias = n - 1, 1
@@ -443,7 +461,7 @@ def _gram_panels(A, Y, n, K, *, reader, tile, gdt, checkpoint):
         for i in range(len(tiles)):
             got = checkpoint.load_npy(f"panel-{i}")
             if got is not None and got.shape == (tiles[i][1] - tiles[i][0], width - tiles[i][0]):
-                panels[i] = np.asarray(got, dtype=np.float64)
+                panels[i] = np.asfortranarray(got, dtype=np.float64)
                 done += 1
         if done:
             logger.info("normal-tiled: %d of %d Gram panels reused from the checkpoint", done,
@@ -455,7 +473,8 @@ def _gram_panels(A, Y, n, K, *, reader, tile, gdt, checkpoint):
     N = A.shape[0]
     if source is None:
         for i in todo:
-            panels[i] = np.zeros((tiles[i][1] - tiles[i][0], width - tiles[i][0]))
+            panels[i] = np.zeros((tiles[i][1] - tiles[i][0], width - tiles[i][0]),
+                                 order="F")
         r0 = 0
         blocks = row_chunked(A).to_delayed()[:, 0]
         with progress.stage("gram blocks", total=len(blocks), unit="blocks") as st:
@@ -487,7 +506,7 @@ def _gram_panels(A, Y, n, K, *, reader, tile, gdt, checkpoint):
                 fut.release()
                 if isinstance(got, str):
                     got = checkpoint.load_npy(f"panel-{i}")
-                panels[i] = np.asarray(got, dtype=np.float64)
+                panels[i] = np.asfortranarray(got, dtype=np.float64)
                 del got
                 tw.finish(str(i), work[i])
     else:
@@ -497,7 +516,7 @@ def _gram_panels(A, Y, n, K, *, reader, tile, gdt, checkpoint):
                 acc = _panel_task(source, Y, n_feat, bias, N, rows, tiles[i], width, gdt)
                 if checkpoint is not None:
                     checkpoint.save_npy(f"panel-{i}", acc)
-                panels[i] = np.asarray(acc, dtype=np.float64)
+                panels[i] = np.asfortranarray(acc, dtype=np.float64)
                 del acc
                 st.update(1, work=work[i])
     return panels, tiles, done
@@ -519,7 +538,11 @@ def _cholesky_preconditioner(A, Y, n, K, *, reader, tile, gdt, checkpoint, alpha
             continue
         bb = min(b, n)
         AtY[a:bb] = panels[i][:bb - a, n - a:]
-        panels[i] = panels[i][:bb - a, :n - a]  # a view: the Y columns go with the base
+        # a view (the Y columns go with the base), still Fortran-contiguous; the tile that
+        # also holds Y's rows is copied (its rows cut, the view would not be)
+        panels[i] = panels[i][:bb - a, :n - a]
+        if not panels[i].flags.f_contiguous:
+            panels[i] = np.asfortranarray(panels[i])
         a_tiles.append((a, bb))
     panels = [P for P in panels if P is not None]
     if a_tiles and a_tiles[-1][1] < n:  # pragma: no cover - tiles cover [0, width)
