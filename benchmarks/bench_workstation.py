@@ -85,7 +85,8 @@ def swimdist_case(width: int, budget: str, solver: str, options: list[str], work
     return {"wall": wall, "fit": m["timings"]["total"], "peak": peak,
             "test": m["test"]["error_pct"], "train": m["train"]["error_pct"],
             "timings": m["timings"], "solver": m["solver"], "stderr": r.stderr,
-            "solver_timings": m.get("solver_timings", {}), "iterations": m.get("iterations")}
+            "solver_timings": m.get("solver_timings", {}), "iterations": m.get("iterations"),
+            "cg": m.get("cg", {})}
 
 
 REF = """
@@ -196,6 +197,17 @@ def stage_limits(r: dict, width: int, rates: tuple[float, float],
     rows.append([f"CG ({steps} steps)", st["cg"], (steps + 1) * step,
                  f"per step: the store's {N * width * 4 / 1e9:.1f} GB at {bw / 1e9:.0f} GB/s, "
                  "4 N n K flops on the workers, 2 n^2 K on the client"])
+    cg = r.get("cg") or {}
+    if cg.get("cg_passes"):
+        # the CG stage split: its passes over the store (workers) and the preconditioner's
+        # triangular solves (client), each next to its own limit
+        k = int(cg["cg_passes"])
+        rows.append([f"  CG passes ({k})", cg["cg_pass_seconds"],
+                     k * (N * width * 4 / bw + 4 * N * n * K * s64),
+                     "per pass: the store's bytes at the bandwidth, 4 N n K flops"])
+        rows.append(["  CG preconditioner solves", cg["cg_precond_seconds"],
+                     k * n * n * 8 / bw,
+                     "per solve: the factor (n^2 / 2 float64) read twice at the bandwidth"])
     out = []
     for name, sec, lim, how in rows:
         out.append([name, f"{sec:.1f}", "" if lim is None else f"{lim:.1f}",

@@ -642,6 +642,10 @@ def _run_job(spec: dict, status: StatusRecord, performance_report: str | None,
                    "solver_timings": ({k: round(float(v), 3)
                                        for k, v in est.solve_result_.timings.items()}
                                       if hasattr(est, "solve_result_") else {})}
+        cg = {k: est.fit_info_[k] for k in ("cg_passes", "cg_pass_seconds",
+                                            "cg_precond_seconds") if k in est.fit_info_}
+        if cg:
+            metrics["cg"] = cg  # where an iterative stage's time went (normal-tiled)
         if selection is not None:
             metrics["selection"] = {k: selection[k] for k in ("best_width", "best_alpha",
                                                               "best_score")}

@@ -731,10 +731,24 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
         A_, pbias = (row_chunked(A) if is_dask(A) else A), 0
     Yd = rows_like(Y, A_) if is_dask(A_) else Y
 
+    spent = {"passes": 0.0, "precond": 0.0, "n_passes": 0}  # where CG's time goes
+
     def run_pass(fn, with_y, consts, length):
-        if passes is not None:
-            return passes(fn, with_y, consts)
-        return _reduce(fn, A_, (Yd,) if with_y else (), consts, length)
+        t = time.perf_counter()
+        try:
+            if passes is not None:
+                return passes(fn, with_y, consts)
+            return _reduce(fn, A_, (Yd,) if with_y else (), consts, length)
+        finally:
+            spent["passes"] += time.perf_counter() - t
+            spent["n_passes"] += 1
+
+    def apply_precond(R):
+        t = time.perf_counter()
+        try:
+            return precond.solve(R)
+        finally:
+            spent["precond"] += time.perf_counter() - t
 
     if preconditioner == "nystrom":
         r_ = min(rank, n)
@@ -763,6 +777,7 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
         precond, tiles, reused, AtY, lam, lam_p, lam_max, t1, t2 = _cholesky_preconditioner(
             A, Y, n, K, reader=reader, tile=tile, gdt=gdt, checkpoint=checkpoint, alpha=alpha,
             rcond=rcond, ridge=ridge, precond_ridge=precond_ridge)
+    spent.update(passes=0.0, n_passes=0)  # from here on: the CG stage's own
 
     errors: list[float] = []  # training error of each iterate (stop="accuracy")
 
@@ -794,7 +809,7 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
         resumed = it
         logger.info("normal-tiled: CG resumed at step %d", it)
     else:
-        x = precond.solve(AtY) if AtY is not None else np.zeros((n, K))
+        x = apply_precond(AtY) if AtY is not None else np.zeros((n, K))
         # r = A^T (Y - A x) - lam x in float64: the first pass also gives the true A^T Y
         flat = run_pass(_residual_pass, True, (np.ascontiguousarray(x), pbias), n * K + K)
         if AtY is None:
@@ -804,7 +819,7 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
         fval = flat[n * K:] + lam * np.einsum("ij,ij->j", x, x)
         terms = []
         bnorm = np.linalg.norm(AtY, axis=0)
-        z = precond.solve(r)
+        z = apply_precond(r)
         p, rz, it = z, np.einsum("ij,ij->j", r, z), 0
         history.append(float(np.max(np.linalg.norm(r, axis=0) / np.maximum(bnorm, 1e-300))))
     # rounding floor of the products (accept_gain's): a smaller step is noise
@@ -858,7 +873,7 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
             gain = step * rz  # f(x_j) - f(x_{j+1})
             fval = fval - gain
             terms.append(gain)
-            z = precond.solve(r)
+            z = apply_precond(r)
             rz_new = np.einsum("ij,ij->j", r, z)
             p = z + np.where(rz > 0, rz_new / np.where(rz > 0, rz, 1.0), 0.0) * p
             rz = rz_new
@@ -900,6 +915,10 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
                        "cg_tol" if cg_tol is not None else "accept_tol"),
               **({"train_errors": [round(e, 8) for e in errors]} if rule else {}),
               "preconditioner": preconditioner,
+              # the CG stage's time: its passes over A (on the workers) and the
+              # preconditioner's solves (on the client); the rest is the client's vector work
+              "cg_passes": spent["n_passes"], "cg_pass_seconds": round(spent["passes"], 3),
+              "cg_precond_seconds": round(spent["precond"], 3),
               **({"rank": precond.rank} if preconditioner == "nystrom" else {})},
     )
     res.converged = converged or max_iter == 0
