@@ -45,9 +45,9 @@ TASKS = ("classification", "regression")
 #: The solvers ``auto`` may run; its options are theirs (each gets the ones it takes).
 CANDIDATES = ("direct", "normal", "sketch-direct", "lsrn", "normal-tiled", "split")
 
-#: Below ``N n^2`` of this, gelsd (at 2 GFLOP/s or more) takes less time than measuring the
-#: machine's rates would (about three seconds): until they are measured (by a larger
-#: problem), such problems go straight to the reference.
+#: Below ``N n^2`` of this, gelsd (at 2 GFLOP/s or more: a second at most) takes less time
+#: than measuring the machine's rates would (about nine seconds, once per machine): until
+#: they are measured (by a larger problem), such problems go straight to the reference.
 CALIBRATION_FLOPS = 2e9
 
 #: Most verification passes ``auto`` lets ``normal`` make (each after the first is thin);

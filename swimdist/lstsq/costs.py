@@ -6,8 +6,8 @@ Every solver's time is modelled from the operations it performs, each with its o
 ``gelsd(N, n)``
     numpy's dense solver: Householder QR (``2 N n^2 - 2/3 n^3`` flops) and a divide-and-conquer
     SVD of the ``n x n`` factor (``c n^3``). Modelled as ``a(n) N n^2 + b(n) n^3`` with ``a`` and
-    ``b`` fitted from two measured shapes (``2n x n`` and ``8n x n``) at two widths and
-    interpolated in ``log n``.
+    ``b`` fitted from two measured shapes (``2n x n`` and ``8n x n``) at two widths, and from
+    ``2n x n`` and ``4n x n`` at a third, :data:`WIDE_WIDTHS`, and interpolated in ``log n``.
 ``syrk(N, n)``
     A Gram pass ``A^T A`` over the row blocks (upper tiles): ``N n^2`` flops at the measured
     rate of ``a.T @ a``.
@@ -15,7 +15,7 @@ Every solver's time is modelled from the operations it performs, each with its o
     A thin pass ``A W`` with ``W`` of ``k`` columns and its ``W``-side products
     (``2 N n k + N k^2``).
 ``eigh(n)``, ``svd(n)``
-    ``t n^3`` with ``t`` measured.
+    ``t n^3`` with ``t`` measured (eigh also at :data:`WIDE_WIDTHS`).
 
 ``features(N, dims, activation)``
     Generating feature blocks from ``X``: ``2 N d_in M`` flops per layer at the product rate
@@ -28,8 +28,9 @@ A pass over a dask array adds the per-task overhead (about a millisecond a task 
 distributed's scheduler) and, for gelsd on a cluster, the gather of ``A`` to the client
 (bytes over the scheduler's measured bandwidth).
 
-Rates are measured once per machine (about three seconds on two cores: gelsd, eigh, SVD, a sparse
-sketch and matrix products at ``n = 256`` and ``1024``, with BLAS on every core) and cached
+Rates are measured once per machine (about eight seconds on two cores: gelsd, eigh, SVD, a
+sparse sketch and matrix products at ``n = 256`` and ``1024``, gelsd and eigh also at ``2048``,
+with BLAS on every core) and cached
 in ``$XDG_CACHE_HOME/swimdist/rates.json`` (default ``~/.cache``), keyed by the host, the CPU,
 its cores and the numpy version (an activation's rate and a file system's read and
 write rates are measured the first time a placement decision needs them and added to the
@@ -60,12 +61,19 @@ logger = logging.getLogger("swimdist.lstsq")
 
 #: Widths at which the rates are measured.
 CALIBRATION_WIDTHS = (256, 1024)
+#: Wider widths at which gelsd's and eigh's rates are measured too. Their time per flop keeps
+#: changing past 1024 columns, and not in one direction: on a 2-core machine gelsd ran 1.3 to
+#: 2x faster at n = 1300..2000 than the 1024 rates predict, then slower again at n = 3000..4000
+#: (numpy 2.4 / OpenBLAS 0.3.31). Those are the widths where ``auto`` weighs gelsd against
+#: the normal equations on regression, so a wrong rate there picked the slower solver. The
+#: products' rates flatten out past a few hundred columns and are not measured again.
+WIDE_WIDTHS = (2048,)
 #: Seconds of overhead per dask task on distributed's scheduler (its documentation: "about
 #: 1 ms per task"); the threaded scheduler's is lower, this bounds it.
 TASK_OVERHEAD = 1e-3
 
-__all__ = ["CALIBRATION_WIDTHS", "Rates", "activation_rate", "disk_rates", "machine_rates",
-           "rates_known", "solver_passes"]
+__all__ = ["CALIBRATION_WIDTHS", "WIDE_WIDTHS", "Rates", "activation_rate", "disk_rates",
+           "machine_rates", "rates_known", "solver_passes"]
 
 
 def _interp(table: dict[str, float], n: float) -> float:
@@ -161,7 +169,7 @@ def _best(repeat: int, fn, *args, **kw) -> float:
     return best
 
 
-def measure_rates(widths=CALIBRATION_WIDTHS) -> Rates:
+def measure_rates(widths=CALIBRATION_WIDTHS, wide=WIDE_WIDTHS) -> Rates:
     """Time the operations of the cost models on this machine (a few seconds)."""
     from .sketch import sketch_block
 
@@ -185,6 +193,16 @@ def measure_rates(widths=CALIBRATION_WIDTHS) -> Rates:
         r.eigh[key] = _best(1, np.linalg.eigh, a2[:n] @ a2[:n].T) / n**3
         r.svd[key] = _best(1, np.linalg.svd, a2[:n], full_matrices=False) / n**3
         r.sketch[key] = _best(1, sketch_block, a8, 0, s=2 * n, kind="sparse-sign") / (8.0 * n * n)
+    for n in wide:
+        key = str(n)
+        a4 = rng.standard_normal((4 * n, n))
+        t2 = _best(1, np.linalg.lstsq, a4[:2 * n], a4[:2 * n, :1], rcond=None)
+        t4 = _best(1, np.linalg.lstsq, a4, a4[:, :1], rcond=None)
+        # t = a N n^2 + b n^3 at N = 2n and 4n
+        a = max((t4 - t2) / (2.0 * n**3), 1e-15)
+        b = max((t2 - 2.0 * a * n**3) / n**3, 0.0)
+        r.gelsd_a[key], r.gelsd_b[key] = a, b
+        r.eigh[key] = _best(1, np.linalg.eigh, a4[:n].T @ a4[:n]) / n**3
     return r
 
 
@@ -300,10 +318,14 @@ def _save(rates: Rates) -> None:
         os.replace(tmp, path)
 
 
+#: What was measured: a cache file of another version (fewer widths) is measured again.
+RATES_VERSION = 2
+
+
 def _machine_key() -> str:
-    """CPU, cores and numpy (its BLAS): what the rates depend on."""
+    """CPU, cores and numpy (its BLAS): what the rates depend on; and what was measured."""
     return (f"{platform.node()}|{platform.processor() or platform.machine()}|"
-            f"{os.cpu_count()}cpu|numpy{np.__version__}")
+            f"{os.cpu_count()}cpu|numpy{np.__version__}|rates{RATES_VERSION}")
 
 
 def _cache_path() -> Path:
