@@ -279,16 +279,19 @@ def test_rates_are_measured_once_and_cached(monkeypatch, tmp_path):
     monkeypatch.setattr(costs, "_RATES", None)
     calls = []
     real = costs.measure_rates
-    monkeypatch.setattr(costs, "measure_rates",
-                        lambda: calls.append(1) or real((64, 128), (192,)))
-    r = costs.machine_rates()
+    monkeypatch.setattr(costs, "measure_rates", lambda: calls.append(1) or real((64, 128)))
+    monkeypatch.setattr(costs, "CALIBRATION_WIDTHS", (64, 128))
+    monkeypatch.setattr(costs, "WIDE_WIDTHS", (192,))
+    r = costs.machine_rates(width=100)  # within the calibrated widths: no wide rates yet
     assert path.exists() and calls == [1]
     for table in (r.gelsd_a, r.syrk, r.gemm, r.gemm32, r.eigh, r.svd, r.sketch):
-        wide = table is r.gelsd_a or table is r.eigh  # also measured at the wide width
-        assert set(table) == {"64", "128"} | ({"192"} if wide else set())
-        assert all(np.isfinite(v) and v > 0 for v in table.values())
+        assert set(table) == {"64", "128"} and all(np.isfinite(v) and v > 0 for v in table.values())
+    # a wider problem adds gelsd's and eigh's rates at the wide width, once
+    r = costs.machine_rates(width=300)
+    assert set(r.gelsd_a) == set(r.gelsd_b) == set(r.eigh) == {"64", "128", "192"}
+    assert set(r.syrk) == {"64", "128"} and r.gelsd_a["192"] > 0 and r.eigh["192"] > 0
     monkeypatch.setattr(costs, "_RATES", None)  # a new process reads the file
-    assert costs.machine_rates() == r and calls == [1]
+    assert costs.machine_rates(width=300) == r and calls == [1]
     # the models count the work: twice the rows, twice the Gram pass and the products
     assert r.gram(2000, 100) == pytest.approx(2 * r.gram(1000, 100))
     assert r.product(2000, 100, 10) == pytest.approx(2 * r.product(1000, 100, 10))

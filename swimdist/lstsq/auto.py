@@ -45,9 +45,9 @@ TASKS = ("classification", "regression")
 #: The solvers ``auto`` may run; its options are theirs (each gets the ones it takes).
 CANDIDATES = ("direct", "normal", "sketch-direct", "lsrn", "normal-tiled", "split")
 
-#: Below ``N n^2`` of this, gelsd (at 2 GFLOP/s or more: a second at most) takes less time
-#: than measuring the machine's rates would (about nine seconds, once per machine): until
-#: they are measured (by a larger problem), such problems go straight to the reference.
+#: Below ``N n^2`` of this, gelsd (at 2 GFLOP/s or more) takes less time than measuring the
+#: machine's rates would (about three seconds, once per machine): until they are measured (by
+#: a larger problem), such problems go straight to the reference.
 CALIBRATION_FLOPS = 2e9
 
 #: Most verification passes ``auto`` lets ``normal`` make (each after the first is thin);
@@ -118,7 +118,8 @@ def predict(
     ``sketch-direct`` is counted with a full sketch rank (``r = n``).
     """
     N, n, K = int(shape[0]), int(shape[1]), int(n_rhs)
-    rates = rates or machine_rates()
+    # gelsd's and eigh's rates measured as wide as n, unless gelsd takes less time than that
+    rates = rates or machine_rates(n if N * n * n > CALIBRATION_FLOPS else None)
     mem = float(memory_limit) if memory_limit else available_memory()
     a_bytes = 8.0 * N * n
     # gelsd: numpy copies A (Fortran order) next to the client's copy; gathered from workers

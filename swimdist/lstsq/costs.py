@@ -7,7 +7,8 @@ Every solver's time is modelled from the operations it performs, each with its o
     numpy's dense solver: Householder QR (``2 N n^2 - 2/3 n^3`` flops) and a divide-and-conquer
     SVD of the ``n x n`` factor (``c n^3``). Modelled as ``a(n) N n^2 + b(n) n^3`` with ``a`` and
     ``b`` fitted from two measured shapes (``2n x n`` and ``8n x n``) at two widths, and from
-    ``2n x n`` and ``4n x n`` at a third, :data:`WIDE_WIDTHS`, and interpolated in ``log n``.
+    ``2n x n`` and ``4n x n`` at a third, :data:`WIDE_WIDTHS` (measured the first time a
+    problem wider than the two needs it), and interpolated in ``log n``.
 ``syrk(N, n)``
     A Gram pass ``A^T A`` over the row blocks (upper tiles): ``N n^2`` flops at the measured
     rate of ``a.T @ a``.
@@ -28,9 +29,10 @@ A pass over a dask array adds the per-task overhead (about a millisecond a task 
 distributed's scheduler) and, for gelsd on a cluster, the gather of ``A`` to the client
 (bytes over the scheduler's measured bandwidth).
 
-Rates are measured once per machine (about eight seconds on two cores: gelsd, eigh, SVD, a
-sparse sketch and matrix products at ``n = 256`` and ``1024``, gelsd and eigh also at ``2048``,
-with BLAS on every core) and cached
+Rates are measured once per machine (about three seconds on two cores: gelsd, eigh, SVD, a
+sparse sketch and matrix products at ``n = 256`` and ``1024``, with BLAS on every core; gelsd
+and eigh at ``2048`` too, about six seconds more, the first time a problem of more than 1024
+columns is costed) and cached
 in ``$XDG_CACHE_HOME/swimdist/rates.json`` (default ``~/.cache``), keyed by the host, the CPU,
 its cores and the numpy version (an activation's rate and a file system's read and
 write rates are measured the first time a placement decision needs them and added to the
@@ -73,7 +75,7 @@ WIDE_WIDTHS = (2048,)
 TASK_OVERHEAD = 1e-3
 
 __all__ = ["CALIBRATION_WIDTHS", "WIDE_WIDTHS", "Rates", "activation_rate", "disk_rates",
-           "machine_rates", "rates_known", "solver_passes"]
+           "machine_rates", "measure_wide", "rates_known", "solver_passes"]
 
 
 def _interp(table: dict[str, float], n: float) -> float:
@@ -169,8 +171,9 @@ def _best(repeat: int, fn, *args, **kw) -> float:
     return best
 
 
-def measure_rates(widths=CALIBRATION_WIDTHS, wide=WIDE_WIDTHS) -> Rates:
-    """Time the operations of the cost models on this machine (a few seconds)."""
+def measure_rates(widths=CALIBRATION_WIDTHS, wide=()) -> Rates:
+    """Time the operations of the cost models on this machine (a few seconds), and gelsd's
+    and eigh's at the ``wide`` widths (:func:`measure_wide`)."""
     from .sketch import sketch_block
 
     rng = np.random.default_rng(0)
@@ -193,7 +196,15 @@ def measure_rates(widths=CALIBRATION_WIDTHS, wide=WIDE_WIDTHS) -> Rates:
         r.eigh[key] = _best(1, np.linalg.eigh, a2[:n] @ a2[:n].T) / n**3
         r.svd[key] = _best(1, np.linalg.svd, a2[:n], full_matrices=False) / n**3
         r.sketch[key] = _best(1, sketch_block, a8, 0, s=2 * n, kind="sparse-sign") / (8.0 * n * n)
-    for n in wide:
+    measure_wide(r, wide)
+    return r
+
+
+def measure_wide(r: Rates, widths=WIDE_WIDTHS) -> Rates:
+    """Add gelsd's and eigh's rates at ``widths`` to ``r`` (``2n x n`` and ``4n x n``
+    least-squares problems and an ``n x n`` eigendecomposition each)."""
+    rng = np.random.default_rng(1)
+    for n in widths:
         key = str(n)
         a4 = rng.standard_normal((4 * n, n))
         t2 = _best(1, np.linalg.lstsq, a4[:2 * n], a4[:2 * n, :1], rcond=None)
@@ -318,14 +329,10 @@ def _save(rates: Rates) -> None:
         os.replace(tmp, path)
 
 
-#: What was measured: a cache file of another version (fewer widths) is measured again.
-RATES_VERSION = 2
-
-
 def _machine_key() -> str:
-    """CPU, cores and numpy (its BLAS): what the rates depend on; and what was measured."""
+    """CPU, cores and numpy (its BLAS): what the rates depend on."""
     return (f"{platform.node()}|{platform.processor() or platform.machine()}|"
-            f"{os.cpu_count()}cpu|numpy{np.__version__}|rates{RATES_VERSION}")
+            f"{os.cpu_count()}cpu|numpy{np.__version__}")
 
 
 def _cache_path() -> Path:
@@ -356,21 +363,33 @@ def rates_known() -> bool:
     return _cached() is not None
 
 
-def machine_rates() -> Rates:
-    """This machine's rates: from memory, the cache file, or measured now (then cached)."""
+def machine_rates(width: int | None = None) -> Rates:
+    """This machine's rates: from memory, the cache file, or measured now (then cached).
+
+    ``width``: the columns of the problem about to be costed; past the widest of
+    :data:`CALIBRATION_WIDTHS`, gelsd's and eigh's rates at :data:`WIDE_WIDTHS` are measured
+    now if the cache lacks them (once per machine)."""
     global _RATES
-    cached = _cached()
-    if cached is not None:
-        return cached
-    key, path = _machine_key(), _cache_path()
-    t0 = time.perf_counter()
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=os.cpu_count() or 1, user_api="blas"):
-        rates = measure_rates()  # at every core, whatever limit the caller runs under
-    rates.key = key
-    logger.info("auto: measured this machine's BLAS and LAPACK rates in %.1f s (cached in %s)",
-                time.perf_counter() - t0, path)
-    _save(rates)
-    _RATES = rates
+    rates = _cached()
+    path = _cache_path()
+    if rates is None:
+        t0 = time.perf_counter()
+        with threadpool_limits(limits=os.cpu_count() or 1, user_api="blas"):
+            rates = measure_rates()  # at every core, whatever limit the caller runs under
+        rates.key = _machine_key()
+        logger.info("auto: measured this machine's BLAS and LAPACK rates in %.1f s (cached in "
+                    "%s)", time.perf_counter() - t0, path)
+        _save(rates)
+        _RATES = rates
+    missing = [w for w in WIDE_WIDTHS if str(w) not in rates.gelsd_a or str(w) not in rates.eigh]
+    if width is not None and width > max(CALIBRATION_WIDTHS) and missing:
+        t0 = time.perf_counter()
+        with threadpool_limits(limits=os.cpu_count() or 1, user_api="blas"):
+            measure_wide(rates, missing)
+        logger.info("auto: measured gelsd and eigh at %s columns in %.1f s (a problem of %d "
+                    "columns; cached in %s)", ", ".join(map(str, missing)),
+                    time.perf_counter() - t0, width, path)
+        _save(rates)
     return rates
