@@ -171,9 +171,9 @@ def _best(repeat: int, fn, *args, **kw) -> float:
     return best
 
 
-def measure_rates(widths=CALIBRATION_WIDTHS, wide=()) -> Rates:
-    """Time the operations of the cost models on this machine (a few seconds), and gelsd's
-    and eigh's at the ``wide`` widths (:func:`measure_wide`)."""
+def measure_rates(widths=CALIBRATION_WIDTHS) -> Rates:
+    """Time the operations of the cost models on this machine (a few seconds; the wide
+    widths are :func:`measure_wide`'s)."""
     from .sketch import sketch_block
 
     rng = np.random.default_rng(0)
@@ -196,7 +196,6 @@ def measure_rates(widths=CALIBRATION_WIDTHS, wide=()) -> Rates:
         r.eigh[key] = _best(1, np.linalg.eigh, a2[:n] @ a2[:n].T) / n**3
         r.svd[key] = _best(1, np.linalg.svd, a2[:n], full_matrices=False) / n**3
         r.sketch[key] = _best(1, sketch_block, a8, 0, s=2 * n, kind="sparse-sign") / (8.0 * n * n)
-    measure_wide(r, wide)
     return r
 
 
