@@ -120,6 +120,54 @@ def test_verify_on_swim_sine_features(sine_data):
     assert ver.residual_norm[0] == pytest.approx(true, rel=1e-6)
 
 
+@pytest.fixture(scope="module")
+def smooth_sine():
+    """A smooth regression with most unresolved directions below rcond (SWIM tanh, 601
+    columns): the Gram matrix leaves 467 unresolved, of which Z keeps about 116."""
+    from swimdist.datasets import sine
+
+    X, y = sine(3000, alpha=1.0, seed=0)
+    Xt, yt = sine(1000, alpha=1.0, seed=1)
+    layers, A = swim_features(X, y, 600)
+    from swimdist.features import design_matrix
+
+    return A, y, design_matrix(Xt, layers).compute(), yt
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_sketch_narrows_the_unresolved_subspace(smooth_sine, chunked, monkeypatch):
+    A, y, At, yt = smooth_sine
+    ref = solve(A, y, method="direct", rcond=1e-10)
+    Ain = da.from_array(A, chunks=(700, A.shape[1])) if chunked else A
+    res = solve(Ain, y, method="normal", verify=True, rcond=1e-10)
+    assert res.converged
+    k, sketched = res.info["unresolved_dim"], res.info["unresolved_sketched"]
+    assert sketched is not None and res.info["unresolved_kept"] <= sketched < k / 1.5
+    # the certificate's bound on the directions left out is far inside accept_tol^2
+    assert res.info["unresolved_rest"] < 1e-5
+    assert_lstsq_close(res, ref, rtol=1.01)
+    # the same model as forming all of Z
+    monkeypatch.setattr("swimdist.lstsq.normal._narrow_unresolved", lambda *a, **k: None)
+    full = solve(Ain, y, method="normal", verify=True, rcond=1e-10)
+    assert full.converged and "unresolved_sketched" not in full.info
+    assert res.relative_residual == pytest.approx(full.relative_residual, rel=1e-4)
+    mae, mae_full = (np.abs(At @ r.solution - yt).mean() for r in (res, full))
+    assert mae == pytest.approx(mae_full, rel=0.05)
+
+
+def test_a_narrowing_that_misses_falls_back_to_all_of_z(smooth_sine, monkeypatch):
+    # a subspace far too small: the bound on what it leaves out fails, so Z is formed whole
+    A, y, _, _ = smooth_sine
+    ref = solve(A, y, method="direct", rcond=1e-10)
+    monkeypatch.setattr("swimdist.lstsq.normal._narrow_unresolved",
+                        lambda A, V0, **kw: np.eye(V0.shape[1], 8))
+    res = solve(A, y, method="normal", verify=True, rcond=1e-10)
+    assert res.info["unresolved_sketched"] is None
+    assert res.info["unresolved_rest"] > 1e-4
+    assert res.converged
+    assert_lstsq_close(res, ref, rtol=1.01)
+
+
 def test_verify_gives_up_on_large_unresolved_subspace():
     p = make_lstsq_problem(600, 60, cond=1e12, seed=0)
     res = solve(p["A"], p["Y"], method="normal", verify=True, max_unresolved=0.1)

@@ -150,9 +150,10 @@ def predict(
 
 def unresolved_budget(shape, *, n_rhs: int, fallback_seconds: float, rates: Rates | None = None,
                       dtype="float64") -> float:
-    """The most unresolved directions (as a fraction of ``n``) whose verification pass
-    (``2 N n (k + K) + N k^2`` flops and a ``k x k`` eigendecomposition) costs less than the
-    fallback: ``normal``'s ``max_unresolved`` under ``auto``."""
+    """The most columns of ``Z`` (as a fraction of ``n``) whose verification pass (``2 N n
+    (k + K) + N k^2`` flops and a ``k x k`` eigendecomposition) costs less than the fallback:
+    ``normal``'s ``max_unresolved`` under ``auto`` (``k``: the unresolved directions, or the
+    part of them a sketch narrowed them to)."""
     N, n = int(shape[0]), int(shape[1])
     rates = rates or machine_rates()
     if not math.isfinite(fallback_seconds):

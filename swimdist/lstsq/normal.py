@@ -43,6 +43,15 @@ subspace from ``Z^T Z`` (accurate: its scale is ``||Z||``, not ``||A||``), and l
 thin again. ``solver="auto"`` uses the first for classification targets and the second for
 regression.
 
+Most unresolved directions are usually below ``rcond`` as well (smooth regression: 20 % of
+them are kept). When it saves flops, a sparse-sign sketch and a randomized range finder first
+narrow ``V_0`` to the part ``Q`` where ``Z`` reaches above the cutoff, so the pass forms
+``Z Q`` (``l`` columns, ``2 N n l + N l^2`` flops, against ``2 N n k + N k^2``). The directions
+left out enter the certificate through what they could still gain, at most
+``||(I - Q Q^T) V_0^T A^T R||^2 / cut^2`` (``info["unresolved_rest"]``, relative to
+``||R||^2``); when that alone exceeds ``accept_tol^2`` the next pass forms all of ``Z``
+(``info["unresolved_sketched"]`` is then None).
+
 OpenBLAS
 --------
 numpy's ``B.T @ B`` takes a multithreaded SYRK path that segfaults in the OpenBLAS of current
@@ -140,6 +149,60 @@ def _residual_from_gram(yty, b, x, xgx) -> np.ndarray | None:
     return None
 
 
+#: Columns per block of the adaptive range finder (also its probes).
+RANGE_BLOCK = 32
+
+
+def _narrow_unresolved(A, V0, *, cut2, tol, split_every, seed: int = 0):
+    """``Q`` (``k x l``, orthonormal): the part of ``span(V0)``, in its coordinates, in which
+    ``Z = A V0`` reaches above the cutoff, or None when narrowing would not save flops.
+
+    On smooth regression targets most of the directions the Gram matrix cannot resolve lie
+    below ``rcond`` too (sine: 195 of 996): forming all of ``Z`` (``2 N n k + N k^2`` flops)
+    then costs more than the Gram pass. A sparse-sign sketch ``S A`` (``s = min(N, n)`` rows,
+    about one read of ``A``) gives ``M = S Z = (S A) V0``. An adaptive randomized range finder
+    on ``M`` (Halko, Martinsson & Tropp, SIAM Rev. 2011, Alg. 4.2) adds Gaussian blocks until a
+    block's squared distance from the range found (about ``||(I - P) M||_F^2``, the energy
+    left out) is below ``N tol^2 cut^2 / 16``: a residual spread over the ``N`` rows then puts
+    ``1/N`` of its energy on each direction left out, which could gain at most that energy
+    times ``(sigma / cut)^2``: a sixteenth of what ``accept_tol`` allows, the rest left to the
+    refinement. ``M``'s dominant row space is ``Q``. The verification then forms ``Z Q``
+    only, and its certificate bounds what the rest of ``Z`` could still gain from ``Z^T R``
+    (see :func:`_verified`), so a residual that is not spread costs a full ``Z`` pass, never
+    a wrong answer.
+
+    Written here: scipy and scikit-learn's randomized SVDs take a fixed rank, not a
+    tolerance.
+    """
+    from .sketch import DEFAULT_NNZ, sketch
+
+    N, n = A.shape
+    k = V0.shape[1]
+    s = min(N, n)
+    full = 2.0 * N * n * k + N * k * k
+    # the sketch and S Z must leave room for a narrower pass
+    if cut2 <= 0 or DEFAULT_NNZ * N * n + 2.0 * s * n * k > full / 2:
+        return None
+    rng = np.random.default_rng(seed)
+    SA, _ = sketch(A, s=s, kind="sparse-sign", seed=seed, split_every=split_every)
+    M = SA @ V0
+    thresh2 = N * tol * tol * cut2 / 16
+    Q = np.zeros((s, 0))
+    while True:
+        Yb = M @ rng.standard_normal((k, RANGE_BLOCK))
+        for _ in range(2):  # twice is enough (Giraud et al. 2005)
+            Yb -= Q @ (Q.T @ Yb)
+        if float(np.max(np.einsum("ij,ij->j", Yb, Yb))) <= thresh2:
+            break
+        width = Q.shape[1] + RANGE_BLOCK
+        if width >= min(s, k) or 2.0 * N * n * width + N * width * width >= full:
+            return None
+        Q = np.concatenate([Q, np.linalg.qr(Yb)[0]], axis=1)
+    if Q.shape[1] == 0:
+        return None
+    return np.linalg.qr(M.T @ Q)[0]
+
+
 def _verified(
     A, Y, lam, V, b, *, rcond, trust, tol, max_refine, max_unresolved, split_every, history,
     ynorm, subspace="rcond",
@@ -163,23 +226,37 @@ def _verified(
             "certified_subspace": "rcond" if (two_level or cut2 >= trust2) else "resolved"}
     if not two_level and cut2 < trust2:
         info["cutoff"] = math.sqrt(trust * n * _EPS)
-    if k > max_unresolved * n:
-        info["reason"] = (
-            f"the Gram matrix leaves {k} of {n} directions unresolved (more than "
-            f"max_unresolved={max_unresolved:g} of them)"
-        )
-        info["verify_passes"] = 0
-        x = V1 @ ((V1.T @ b) / lam1[:, None])
-        return x, int(res1.sum()), None, False, info
     # start from the resolved subspace only; the rest comes from Z's least-squares problem
     x = V1 @ ((V1.T @ b) / lam1[:, None])
     rank, converged, rr, x_out = int(res1.sum()), False, None, x
     mu = W = None
     kz = 0
+    # Narrow V0 to the directions in which Z = A V0 can reach above the cutoff (a sketch
+    # says which); the certificate bounds what the rest could gain
+    V0_full, Qs = V0, None
+    if k:
+        Qs = _narrow_unresolved(A, V0, cut2=cut2, tol=tol, split_every=split_every)
+        if Qs is not None:
+            V0 = V0 @ Qs
+            info["unresolved_sketched"] = int(Qs.shape[1])
+
+    def over_budget(width):
+        if width <= max_unresolved * n:
+            return False
+        info["reason"] = (
+            f"the Gram matrix leaves {k} of {n} directions unresolved, and verifying them "
+            f"would form {width} columns of Z = A V0 (more than max_unresolved="
+            f"{max_unresolved:g} of {n})")
+        return True
+
+    if over_budget(V0.shape[1]):
+        info["verify_passes"] = 0
+        return x, rank, None, False, info
+    passes = max(1, max_refine) + (Qs is not None)
     # the passes are iterations: each shows the residual reduction still possible against
     # accept_tol
     with progress.stage("verification", unit="passes", target=tol) as st:
-        for _it in range(max(1, max_refine)):
+        for _it in range(passes):
             # The first pass forms Z^T Z (Z = A V0); later ones are thin (A^T R and ||R||^2):
             # Z^T R = V0^T (A^T R), whose rounding (eps ||A|| ||R||) is far below Z's scale.
             V0p = V0 if mu is None else np.zeros((n, 0))
@@ -204,9 +281,9 @@ def _verified(
             d0 = 0.0
             if k:
                 if mu is None:
-                    mu, W = np.linalg.eigh(flat[: k * k].reshape(k, k))
+                    mu, W = np.linalg.eigh(flat[: kp * kp].reshape(kp, kp))
                 ZtR = V0.T @ AtR
-                zero_floor = trust * k * _EPS * max(float(mu[-1]), 0.0)
+                zero_floor = trust * V0.shape[1] * _EPS * max(float(mu[-1]), 0.0)
                 # Z = A V0 itself is only known to about sqrt(n) eps sigma_max
                 noise2 = (64 * math.sqrt(n) * _EPS) ** 2 * lam_max
                 keep = mu > max(cut2, zero_floor, noise2)
@@ -216,6 +293,25 @@ def _verified(
                     d0 = V0 @ (W[:, keep] @ (C0 / mu[keep][:, None]))
                     gain2 += float(np.sum(C0 * C0 / mu[keep][:, None]))
                 info["unresolved_kept"] = kz
+                if Qs is not None:
+                    # Directions of Z outside span(Qs): each with sigma >= cut could gain
+                    # at most (its share of Z^T R)^2 / cut^2, so all of them at most
+                    # ||(I - Qs Qs^T) V0^T A^T R||^2 / cut^2 (exact when Qs spans right
+                    # singular vectors of Z, second order in its error otherwise).
+                    g = V0_full.T @ AtR - Qs @ ZtR
+                    rest2 = float(np.sum(g * g)) / cut2
+                    info["unresolved_rest"] = rest2 / max(float(rr.sum()), 1e-300)
+                    gain2 += rest2
+                    if rest2 > tol * tol * float(rr.sum()):
+                        # the sketch missed directions that matter: form all of Z next,
+                        # from the resolved step alone (as if Z had been formed at first)
+                        V0, mu, W, Qs = V0_full, None, None, None
+                        info["unresolved_sketched"] = None
+                        x = x + d1
+                        st.update(1)
+                        if over_budget(k):
+                            break
+                        continue
                 if cut2 < zero_floor and mu[-1] > cut2:
                     info["unresolvable"] = True  # rcond below what Z^T Z resolves
             rank = int(res1.sum()) + kz
@@ -235,7 +331,7 @@ def _verified(
                 break
             x = x + d1 + d0
     info["verify_passes"] = _it + 1
-    if not converged:
+    if not converged and "reason" not in info:
         info["reason"] = (
             "rcond is below what Z^T Z resolves" if info.get("unresolvable") else
             f"after {_it + 1} verification passes a refinement step could still reduce the "
@@ -289,8 +385,9 @@ def solve_normal(
     max_refine : int
         Most verification passes.
     max_unresolved : float
-        Give up (``converged=False``, ``info["reason"]``) without a verification pass when the
-        Gram matrix leaves more than this fraction of the ``n`` directions unresolved.
+        Give up (``converged=False``, ``info["reason"]``) without a verification pass when
+        verifying the directions the Gram matrix leaves unresolved would form more than this
+        fraction of ``n`` columns of ``Z`` (all ``k`` of them, or the narrowed ``l``).
     trust : float
         Eigenvalues above ``trust * n * eps * lambda_max`` count as resolved.
     tile : int
@@ -302,7 +399,8 @@ def solve_normal(
     -------
     LstsqResult
         ``info``: ``factor``, ``sigma_max``, ``cond_kept`` (``sigma_max / sigma_min`` kept),
-        with ``verify`` also ``unresolved_dim``, ``refine_gain``, ``verify_passes``.
+        with ``verify`` also ``unresolved_dim``, ``refine_gain``, ``verify_passes``, and
+        ``unresolved_sketched`` (the columns of ``Z`` formed when a sketch narrowed them).
     """
     A = as_design(A).array
     factor = factor or ("eigh" if alpha == 0 else "cholesky")
