@@ -160,7 +160,7 @@ def test_a_narrowing_that_misses_falls_back_to_all_of_z(smooth_sine, monkeypatch
     A, y, _, _ = smooth_sine
     ref = solve(A, y, method="direct", rcond=1e-10)
     monkeypatch.setattr("swimdist.lstsq.normal._narrow_unresolved",
-                        lambda A, V0, **kw: np.eye(V0.shape[1], 8))
+                        lambda A, V0, lam1, **kw: np.eye(V0.shape[1], 8))
     res = solve(A, y, method="normal", verify=True, rcond=1e-10)
     assert res.info["unresolved_sketched"] is None
     assert res.info["unresolved_rest"] > 1e-4

@@ -153,15 +153,32 @@ def _residual_from_gram(yty, b, x, xgx) -> np.ndarray | None:
 RANGE_BLOCK = 32
 
 
-def _narrow_unresolved(A, V0, *, cut2, tol, split_every, seed: int = 0):
+def _kept_estimate(lam_resolved: np.ndarray, cut2: float, k: int) -> float:
+    """How many of the ``k`` unresolved directions lie above the cutoff, extrapolated from
+    the resolved spectrum's decay (geometric for the smooth activations of SWIM features:
+    within 20 % of the count gelsd keeps on sine, bump and wide cases); ``k`` when the
+    resolved spectrum shows no decay to extrapolate."""
+    lam = np.sort(lam_resolved)[::-1]
+    r1 = lam.size
+    m = max(8, r1 // 3)
+    if r1 < m or cut2 <= 0 or lam[-1] <= cut2:
+        return float(k)
+    logs = 0.5 * np.log(lam[r1 - m :])
+    slope = float(np.polyfit(np.arange(m), logs, 1)[0])
+    if slope >= 0:
+        return float(k)
+    return float(min(k, max(0.0, (0.5 * math.log(cut2) - logs[-1]) / slope)))
+
+
+def _narrow_unresolved(A, V0, lam_resolved, *, cut2, tol, split_every, seed: int = 0):
     """``Q`` (``k x l``, orthonormal): the part of ``span(V0)``, in its coordinates, in which
     ``Z = A V0`` reaches above the cutoff, or None when narrowing would not save flops.
 
     On smooth regression targets most of the directions the Gram matrix cannot resolve lie
     below ``rcond`` too (sine: 195 of 996): forming all of ``Z`` (``2 N n k + N k^2`` flops)
-    then costs more than the Gram pass. A sparse-sign sketch ``S A`` (``s = min(N, n)`` rows,
-    about one read of ``A``) gives ``M = S Z = (S A) V0``. An adaptive randomized range finder
-    on ``M`` (Halko, Martinsson & Tropp, SIAM Rev. 2011, Alg. 4.2) adds Gaussian blocks until a
+    then costs more than the Gram pass. A sparse-sign sketch ``S A`` (``s`` rows, about one
+    read of ``A``) gives ``M = S Z = (S A) V0``. An adaptive randomized range finder on ``M``
+    (Halko, Martinsson & Tropp, SIAM Rev. 2011, Alg. 4.2) adds Gaussian blocks until a
     block's squared distance from the range found (about ``||(I - P) M||_F^2``, the energy
     left out) is below ``N tol^2 cut^2 / 16``: a residual spread over the ``N`` rows then puts
     ``1/N`` of its energy on each direction left out, which could gain at most that energy
@@ -171,6 +188,11 @@ def _narrow_unresolved(A, V0, *, cut2, tol, split_every, seed: int = 0):
     (see :func:`_verified`), so a residual that is not spread costs a full ``Z`` pass, never
     a wrong answer.
 
+    Whether to try is a flop count: with ``l`` predicted from the resolved spectrum
+    (:func:`_kept_estimate`; the range finder ends at about 1.7 times the directions kept)
+    and ``s = min(N, n, 3 l)`` sketch rows, the sketch, ``M``, the range finder and the
+    narrowed pass must cost at most 3/4 of the full pass.
+
     Written here: scipy and scikit-learn's randomized SVDs take a fixed rank, not a
     tolerance.
     """
@@ -178,10 +200,16 @@ def _narrow_unresolved(A, V0, *, cut2, tol, split_every, seed: int = 0):
 
     N, n = A.shape
     k = V0.shape[1]
-    s = min(N, n)
     full = 2.0 * N * n * k + N * k * k
-    # the sketch and S Z must leave room for a narrower pass
-    if cut2 <= 0 or DEFAULT_NNZ * N * n + 2.0 * s * n * k > full / 2:
+    ell = min(k, 1.7 * _kept_estimate(lam_resolved, cut2, k) + RANGE_BLOCK)
+    s = int(min(N, n, max(3 * ell, 2 * RANGE_BLOCK)))
+
+    def pass_flops(width):
+        return 2.0 * N * n * width + N * width * width
+
+    predicted = (DEFAULT_NNZ * N * n + 2.0 * s * n * k + 4.0 * s * k * ell + 2.0 * s * ell**2
+                 + pass_flops(ell))
+    if cut2 <= 0 or predicted > 0.75 * full:
         return None
     rng = np.random.default_rng(seed)
     SA, _ = sketch(A, s=s, kind="sparse-sign", seed=seed, split_every=split_every)
@@ -195,7 +223,8 @@ def _narrow_unresolved(A, V0, *, cut2, tol, split_every, seed: int = 0):
         if float(np.max(np.einsum("ij,ij->j", Yb, Yb))) <= thresh2:
             break
         width = Q.shape[1] + RANGE_BLOCK
-        if width >= min(s, k) or 2.0 * N * n * width + N * width * width >= full:
+        # the sketch must stay well taller than the range it finds (s >= 1.5 l)
+        if 3 * width > 2 * s or width >= k or pass_flops(width) >= full:
             return None
         Q = np.concatenate([Q, np.linalg.qr(Yb)[0]], axis=1)
     if Q.shape[1] == 0:
@@ -235,7 +264,7 @@ def _verified(
     # says which); the certificate bounds what the rest could gain
     V0_full, Qs = V0, None
     if k:
-        Qs = _narrow_unresolved(A, V0, cut2=cut2, tol=tol, split_every=split_every)
+        Qs = _narrow_unresolved(A, V0, lam1, cut2=cut2, tol=tol, split_every=split_every)
         if Qs is not None:
             V0 = V0 @ Qs
             info["unresolved_sketched"] = int(Qs.shape[1])
