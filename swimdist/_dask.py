@@ -144,6 +144,44 @@ def lost_client_data(exc: BaseException) -> bool:
     return _client_running()
 
 
+def worker_loss_error(exc: BaseException, resent: int, attempts: int):
+    """A :class:`~swimdist.exceptions.WorkerLostError` that says what happened and what to
+    change when ``exc`` means workers kept dying beyond what a fit recovers from, else None.
+
+    Two ways end there: distributed gave up on a task after every worker that ran it died
+    (:class:`distributed.KilledWorker`), or data sent from the client was lost with a
+    worker once more after ``attempts`` re-sends. The usual cause is memory: a worker over
+    its limit is restarted by its nanny.
+    """
+    from distributed import KilledWorker
+
+    from .exceptions import WorkerLostError
+
+    if isinstance(exc, KilledWorker):
+        what = (f"every worker that ran one of its tasks died ({exc.allowed_failures + 1} "
+                f"of them, the last {getattr(exc.last_worker, 'address', '?')})")
+    elif lost_client_data(exc) and resent >= attempts:
+        what = (f"a worker died with data sent from the client, after {resent} re-sends "
+                f"of it (swimdist.resend-attempts={attempts})")
+    else:
+        return None
+    limits = []
+    client = current_client()
+    if client is not None:
+        try:
+            limits = [w.get("memory_limit") or 0
+                      for w in client.scheduler_info().get("workers", {}).values()]
+        except Exception:  # the scheduler itself may be gone too: say what is known
+            limits = []
+    limit = (f"each worker may use {min(limits) / 2**20:.0f} MiB" if limits and min(limits)
+             else "the workers have no memory limit")
+    return WorkerLostError(
+        f"Dask workers kept dying during the fit: {what}. The usual cause is memory ({limit}): "
+        "give the workers more memory (--memory-limit, or the cluster's memory_limit), fewer "
+        "threads each, or smaller row blocks (chunk_rows); the workers' logs say why they "
+        "died. Verified blocks of a feature store are kept, so the same job resumes.")
+
+
 def _client_running() -> bool:
     client = current_client()
     return client is not None and client.status == "running"

@@ -22,7 +22,7 @@ import dask.array as da
 import numpy as np
 
 from . import config, progress
-from ._dask import broadcast, lost_client_data
+from ._dask import broadcast, lost_client_data, worker_loss_error
 from .activations import get_activation
 from .design import build_design
 from .exceptions import DataConversionWarning, NotFittedError, ValidationError
@@ -258,7 +258,11 @@ class _SWIMBase:
                 # layers, Y): send it again and redo what depended on it. Every block is a
                 # function of its seed, a store's verified blocks and a solve checkpoint
                 # are reused, so the model is the undisturbed one.
-                if resent >= int(config.get("resend-attempts")) or not lost_client_data(exc):
+                attempts = int(config.get("resend-attempts"))
+                lost = worker_loss_error(exc, resent, attempts)
+                if lost is not None:
+                    raise lost from exc
+                if resent >= attempts or not lost_client_data(exc):
                     raise
                 resent += 1
                 logger.warning("fit: a worker was lost with data sent from the client (%s); "

@@ -35,6 +35,11 @@ class SchedulerError(SwimdistError, OSError):
     """A Dask scheduler could not be reached or was lost."""
 
 
+class WorkerLostError(SwimdistError, RuntimeError):
+    """Dask workers died during a job more often than it can recover from (most often they
+    ran out of memory)."""
+
+
 class JobSpecError(SwimdistError, ValueError):
     """A training-job specification is invalid."""
 

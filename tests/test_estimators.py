@@ -266,3 +266,22 @@ def test_default_store_in_memory_or_temporary_by_budget(tmp_path, sine_data):
     assert list(root.iterdir()) == []  # the temporary store is gone
     np.testing.assert_allclose(on_disk.coef_, in_mem.coef_, rtol=0, atol=1e-12)
     np.testing.assert_allclose(on_disk.intercept_, in_mem.intercept_, rtol=0, atol=1e-12)
+
+
+def test_workers_dying_beyond_recovery_is_a_clear_error():
+    # distributed gives up on a task after every worker that ran it died: say so, and why
+    from types import SimpleNamespace
+
+    from distributed import KilledWorker
+
+    from swimdist._dask import worker_loss_error
+    from swimdist.exceptions import SwimdistError, WorkerLostError
+
+    exc = KilledWorker("('forward-3', 0)", SimpleNamespace(address="tcp://10.0.0.7:4000"), 3)
+    err = worker_loss_error(exc, resent=0, attempts=3)
+    assert isinstance(err, WorkerLostError) and isinstance(err, SwimdistError)
+    msg = str(err)
+    assert "every worker that ran one of its tasks died (4 of them" in msg
+    assert "tcp://10.0.0.7:4000" in msg and "memory" in msg and "chunk_rows" in msg
+    # anything else is not this error
+    assert worker_loss_error(ValueError("bad input"), resent=0, attempts=3) is None

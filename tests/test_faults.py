@@ -196,6 +196,26 @@ def test_two_workers_killed_in_sequence(client3, data, reference_memory, tmp_pat
     client3.wait_for_workers(3, timeout=60)
 
 
+def test_workers_lost_beyond_the_resend_attempts_fail_clearly(client3, data, tmp_path):
+    # no re-send allowed: the first worker lost with X's blocks ends the fit with an error
+    # that names what happened and what to change, not a FutureCancelledError
+    import dask
+
+    from swimdist.exceptions import WorkerLostError
+
+    state = tmp_path / "fault"
+    client3.register_plugin(TaskFault("_forward", 3, str(state)), name="fault")
+    try:
+        with dask.config.set({"swimdist.resend-attempts": 0}), \
+                pytest.raises(WorkerLostError, match="died with data sent from the client, after 0 "
+                              "re-sends .*memory .*each worker may use 5[0-9]{2} MiB"):
+            fit_in_memory(*data, "lsrn")
+    finally:
+        client3.unregister_worker_plugin("fault")
+    assert fault_fired(state) is not None, "the fault never fired"
+    client3.wait_for_workers(3, timeout=60)
+
+
 def test_worker_over_memory_limit_restarted_by_nanny(client3, data, reference, tmp_path):
     before = worker_pids(client3)
     state = tmp_path / "fault"
