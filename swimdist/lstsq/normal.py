@@ -191,7 +191,9 @@ def _narrow_unresolved(A, V0, lam_resolved, *, cut2, tol, split_every, seed: int
     Whether to try is a flop count: with ``l`` predicted from the resolved spectrum
     (:func:`_kept_estimate`; the range finder ends at about 1.7 times the directions kept)
     and ``s = min(N, n, 3 l)`` sketch rows, the sketch, ``M``, the range finder and the
-    narrowed pass must cost at most 3/4 of the full pass.
+    narrowed pass must cost at most 3/4 of the full pass, or trying (the sketch and ``M``)
+    must cost at most 1/16 of it; the range finder gives up as soon as what it spent and
+    the narrowed pass would cost as much as the full pass.
 
     Written here: scipy and scikit-learn's randomized SVDs take a fixed rank, not a
     tolerance.
@@ -207,15 +209,17 @@ def _narrow_unresolved(A, V0, lam_resolved, *, cut2, tol, split_every, seed: int
     def pass_flops(width):
         return 2.0 * N * n * width + N * width * width
 
-    predicted = (DEFAULT_NNZ * N * n + 2.0 * s * n * k + 4.0 * s * k * ell + 2.0 * s * ell**2
-                 + pass_flops(ell))
-    if cut2 <= 0 or predicted > 0.75 * full:
+    trying = DEFAULT_NNZ * N * n + 2.0 * s * n * k  # the sketch and M
+    predicted = trying + 4.0 * s * k * ell + 2.0 * s * ell**2 + pass_flops(ell)
+    # worth it by the prediction, or cheap enough to find out (tall A: s / N is small)
+    if cut2 <= 0 or (predicted > 0.75 * full and trying > full / 16):
         return None
     rng = np.random.default_rng(seed)
     SA, _ = sketch(A, s=s, kind="sparse-sign", seed=seed, split_every=split_every)
     M = SA @ V0
     thresh2 = N * tol * tol * cut2 / 16
     Q = np.zeros((s, 0))
+    spent = trying
     while True:
         Yb = M @ rng.standard_normal((k, RANGE_BLOCK))
         for _ in range(2):  # twice is enough (Giraud et al. 2005)
@@ -223,8 +227,10 @@ def _narrow_unresolved(A, V0, lam_resolved, *, cut2, tol, split_every, seed: int
         if float(np.max(np.einsum("ij,ij->j", Yb, Yb))) <= thresh2:
             break
         width = Q.shape[1] + RANGE_BLOCK
-        # the sketch must stay well taller than the range it finds (s >= 1.5 l)
-        if 3 * width > 2 * s or width >= k or pass_flops(width) >= full:
+        # the sketch must stay well taller than the range it finds (s >= 1.5 l), and what
+        # was spent plus the narrowed pass must stay below the full pass
+        spent += 4.0 * s * k * RANGE_BLOCK + 4.0 * s * width * RANGE_BLOCK
+        if 3 * width > 2 * s or width >= k or spent + pass_flops(width) >= full:
             return None
         Q = np.concatenate([Q, np.linalg.qr(Yb)[0]], axis=1)
     if Q.shape[1] == 0:
