@@ -153,20 +153,20 @@ def _residual_from_gram(yty, b, x, xgx) -> np.ndarray | None:
 RANGE_BLOCK = 32
 
 
-def _kept_estimate(lam_resolved: np.ndarray, cut2: float, k: int) -> float:
+def _kept_estimate(lam_resolved: np.ndarray, cut2: float, k: int) -> float | None:
     """How many of the ``k`` unresolved directions lie above the cutoff, extrapolated from
     the resolved spectrum's decay (geometric for the smooth activations of SWIM features:
-    within 20 % of the count gelsd keeps on sine, bump and wide cases); ``k`` when the
-    resolved spectrum shows no decay to extrapolate."""
+    within 20 % of the count gelsd keeps on sine, bump and wide cases); None when the
+    resolved spectrum shows no decay to extrapolate (relu's is not geometric)."""
     lam = np.sort(lam_resolved)[::-1]
     r1 = lam.size
     m = max(8, r1 // 3)
     if r1 < m or cut2 <= 0 or lam[-1] <= cut2:
-        return float(k)
+        return None
     logs = 0.5 * np.log(lam[r1 - m :])
     slope = float(np.polyfit(np.arange(m), logs, 1)[0])
     if slope >= 0:
-        return float(k)
+        return None
     return float(min(k, max(0.0, (0.5 * math.log(cut2) - logs[-1]) / slope)))
 
 
@@ -191,9 +191,10 @@ def _narrow_unresolved(A, V0, lam_resolved, *, cut2, tol, split_every, seed: int
     Whether to try is a flop count: with ``l`` predicted from the resolved spectrum
     (:func:`_kept_estimate`; the range finder ends at about 1.7 times the directions kept)
     and ``s = min(N, n, 3 l)`` sketch rows, the sketch, ``M``, the range finder and the
-    narrowed pass must cost at most 3/4 of the full pass, or trying (the sketch and ``M``)
-    must cost at most 1/16 of it; the range finder gives up as soon as what it spent and
-    the narrowed pass would cost as much as the full pass.
+    narrowed pass must cost at most 3/4 of the full pass, or, where the spectrum gives no
+    prediction, trying (the sketch and ``M``) must cost at most 1/16 of it; the range finder
+    gives up as soon as what it spent and the narrowed pass would cost as much as the full
+    pass.
 
     Written here: scipy and scikit-learn's randomized SVDs take a fixed rank, not a
     tolerance.
@@ -203,7 +204,8 @@ def _narrow_unresolved(A, V0, lam_resolved, *, cut2, tol, split_every, seed: int
     N, n = A.shape
     k = V0.shape[1]
     full = 2.0 * N * n * k + N * k * k
-    ell = min(k, 1.7 * _kept_estimate(lam_resolved, cut2, k) + RANGE_BLOCK)
+    kept = _kept_estimate(lam_resolved, cut2, k)
+    ell = k if kept is None else min(k, 1.7 * kept + RANGE_BLOCK)
     s = int(min(N, n, max(3 * ell, 2 * RANGE_BLOCK)))
 
     def pass_flops(width):
@@ -211,8 +213,9 @@ def _narrow_unresolved(A, V0, lam_resolved, *, cut2, tol, split_every, seed: int
 
     trying = DEFAULT_NNZ * N * n + 2.0 * s * n * k  # the sketch and M
     predicted = trying + 4.0 * s * k * ell + 2.0 * s * ell**2 + pass_flops(ell)
-    # worth it by the prediction, or cheap enough to find out (tall A: s / N is small)
-    if cut2 <= 0 or (predicted > 0.75 * full and trying > full / 16):
+    # worth it by the prediction, or (no prediction) cheap enough to find out: tall A,
+    # where s / N is small
+    if cut2 <= 0 or (predicted > 0.75 * full and (kept is not None or trying > full / 16)):
         return None
     rng = np.random.default_rng(seed)
     SA, _ = sketch(A, s=s, kind="sparse-sign", seed=seed, split_every=split_every)
