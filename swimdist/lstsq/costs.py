@@ -296,7 +296,9 @@ def solver_passes(method: str, options: dict | None = None) -> int | None:
     decide), or None when it needs ``A`` stored (``normal-tiled`` reads column panels from
     the feature store).
 
-    ``normal``: the Gram pass, plus ``max_refine`` verification passes with ``verify``;
+    ``normal``: the Gram pass, plus ``max_refine`` verification passes with ``verify``
+    (``verify=True``: two more, the sketch that narrows the unresolved directions and the
+    pass that forms all of them when the narrowing falls short);
     ``direct``: one (``A`` gathered); ``sketch-direct``: sketch, product, refinement;
     ``auto``: the Gram pass and its verification (``normal``, the first choice on tall
     problems), the pass forming ``A V_0`` and a thin one; ``lsrn``: the sketch and
@@ -304,7 +306,9 @@ def solver_passes(method: str, options: dict | None = None) -> int | None:
     """
     options = options or {}
     if method == "normal":
-        return 1 + (int(options.get("max_refine", 3)) if options.get("verify") else 0)
+        verify = options.get("verify")
+        return 1 + ((int(options.get("max_refine", 3)) + 2 * (verify in (True, "rcond")))
+                    if verify else 0)
     if method in ("direct", "split"):
         return 1
     if method == "sketch-direct":

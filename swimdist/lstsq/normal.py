@@ -149,6 +149,9 @@ def _residual_from_gram(yty, b, x, xgx) -> np.ndarray | None:
     return None
 
 
+#: Most coupling between the resolved and the unresolved subspaces' images the certificate
+#: assumes from an observed contraction (a stalled refinement: the possible gain counted 100x).
+MAX_COUPLING = 0.99
 #: Columns per block of the adaptive range finder (also its probes).
 RANGE_BLOCK = 32
 
@@ -272,6 +275,7 @@ def _verified(
     # Narrow V0 to the directions in which Z = A V0 can reach above the cutoff (a sketch
     # says which); the certificate bounds what the rest could gain
     V0_full, Qs = V0, None
+    prev_rel = None
     if k:
         Qs = _narrow_unresolved(A, V0, lam1, cut2=cut2, tol=tol, split_every=split_every)
         if Qs is not None:
@@ -353,6 +357,19 @@ def _verified(
                 if cut2 < zero_floor and mu[-1] > cut2:
                     info["unresolvable"] = True  # rcond below what Z^T Z resolves
             rank = int(res1.sum()) + kz
+            if kz:
+                # Two levels: the gains of the resolved and the Z subspace are added as if
+                # their images were orthogonal. They are not quite (the Gram matrix's
+                # rounding couples A V1 to Z), and with coupling c the best joint step
+                # gains up to 1 / (1 - c) times that sum. Block Jacobi, which these steps
+                # are, contracts by c a pass, so the observed contraction of the possible
+                # gain estimates it (at most MAX_COUPLING; the first two-level pass, which
+                # has none to observe, assumes that).
+                raw = math.sqrt(gain2 / max(float(rr.sum()), 1e-300))
+                rho = min(MAX_COUPLING, raw / prev_rel) if prev_rel else MAX_COUPLING
+                info["refine_contraction"] = rho
+                prev_rel = raw
+                gain2 = gain2 / (1.0 - rho)
             rel, ok = accept_gain(
                 gain2,
                 float(rr.sum()),
