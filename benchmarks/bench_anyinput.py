@@ -24,7 +24,7 @@ Targets: auto <= 0.5x gelsd on every classification case and every case with N/n
 
     flock /tmp/swimdist-bench.lock python benchmarks/bench_anyinput.py [--cases ...]
 
-About 15 minutes on 2 cores (MNIST from SWIMDIST_DATA_DIR or ../shared/data/mnist).
+About 5 minutes on 2 cores (MNIST from SWIMDIST_DATA_DIR or ../shared/data/mnist).
 """
 
 from __future__ import annotations
