@@ -155,6 +155,18 @@ def test_sketch_narrows_the_unresolved_subspace(smooth_sine, chunked, monkeypatc
     assert mae == pytest.approx(mae_full, rel=0.05)
 
 
+def test_float32_storage_is_not_narrowed_below_its_resolution(smooth_sine):
+    # float32 rounding puts every unresolved direction of Z above a 1e-10 cutoff: no sketch,
+    # the full Z, and gelsd's residual on the same float32 matrix
+    A, y, _, _ = smooth_sine
+    A32 = A.astype(np.float32)
+    ref = solve(A32.astype(np.float64), y, method="direct", rcond=1e-10)
+    res = solve(A32, y, method="normal", verify=True, rcond=1e-10)
+    assert res.info["unresolved_dim"] > 0 and "unresolved_sketched" not in res.info
+    assert res.converged
+    assert_lstsq_close(res, ref, rtol=1.01)
+
+
 def test_a_narrowing_that_misses_falls_back_to_all_of_z(smooth_sine, monkeypatch):
     # a subspace far too small: the bound on what it leaves out fails, so Z is formed whole
     A, y, _, _ = smooth_sine

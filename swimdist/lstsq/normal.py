@@ -214,6 +214,14 @@ def _narrow_unresolved(A, V0, lam_resolved, *, cut2, tol, split_every, seed: int
 
     N, n = A.shape
     k = V0.shape[1]
+    if np.dtype(A.dtype).itemsize < 8 and cut2 > 0:
+        # float32 storage rounds every entry by up to eps32 / 2 relative: a noise matrix
+        # whose singular values sit near eps32 sigma_max / sqrt(n), so Z keeps about all
+        # of its directions above a cutoff below that, and there is no tail to leave out
+        # (tall sine, 40000 x 1001: the range finder ran to 500 columns before giving up)
+        eps32 = float(np.finfo(np.float32).eps)
+        if cut2 * n < eps32 * eps32 * float(np.max(lam_resolved, initial=0.0)):
+            return None
     full = 2.0 * N * n * k + N * k * k
     kept = _kept_estimate(lam_resolved, cut2, k)
     ell = k if kept is None else min(k, 1.7 * kept + RANGE_BLOCK)
