@@ -178,18 +178,12 @@ def measure_rates(widths=CALIBRATION_WIDTHS) -> Rates:
 
     rng = np.random.default_rng(0)
     r = Rates()
-    # LAPACK's and BLAS's first calls in a process (thread pool, workspace pages) are slower:
-    # one untimed call first, and the fastest of three timings where one takes milliseconds
-    # (single first timings put gelsd's rate at 256 columns 2x off in one run of three)
-    warm = rng.standard_normal((512, 128))
-    np.linalg.lstsq(warm, warm[:, :1], rcond=None)
     for n in widths:
         key = str(n)
         a2 = rng.standard_normal((2 * n, n))
         a8 = rng.standard_normal((8 * n, n))
-        repeat = 3 if n <= 256 else 1
-        t2 = _best(repeat, np.linalg.lstsq, a2, a2[:, :1], rcond=None)
-        t8 = _best(repeat, np.linalg.lstsq, a8, a8[:, :1], rcond=None)
+        t2 = _best(1, np.linalg.lstsq, a2, a2[:, :1], rcond=None)
+        t8 = _best(1, np.linalg.lstsq, a8, a8[:, :1], rcond=None)
         # t = a N n^2 + b n^3 at N = 2n and 8n
         a = max((t8 - t2) / (6.0 * n**3), 1e-15)
         b = max((t2 - 2.0 * a * n**3) / n**3, 0.0)
