@@ -258,11 +258,11 @@ class _SWIMBase:
                 # layers, Y): send it again and redo what depended on it. Every block is a
                 # function of its seed, a store's verified blocks and a solve checkpoint
                 # are reused, so the model is the undisturbed one.
-                attempts = int(config.get("resend-attempts"))
-                lost = worker_loss_error(exc, resent, attempts)
+                # re-sends used up (or a task every worker died under): a clear error
+                lost = worker_loss_error(exc, resent, int(config.get("resend-attempts")))
                 if lost is not None:
                     raise lost from exc
-                if resent >= attempts or not lost_client_data(exc):
+                if not lost_client_data(exc):
                     raise
                 resent += 1
                 logger.warning("fit: a worker was lost with data sent from the client (%s); "
