@@ -116,6 +116,27 @@ def test_panel_cholesky_solves(order):
     np.testing.assert_allclose(chol.solve(G @ X), X, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_gram_panels_are_the_upper_row_panels_of_the_gram_matrix(dtype):
+    """A panel task (SYRK on its diagonal tile, mirrored; GEMM on the rest) gives the rows
+    ``[p0, p1)`` of ``B^T B`` from column ``p0`` on, ``B = [H, 1, Y]``, for tiles that cut
+    through the bias and target columns, and row blocks that do not divide N."""
+    from swimdist.lstsq.tiled import _panel_task, _tiles
+
+    rng = np.random.default_rng(11)
+    N, nf, K = 1003, 57, 3
+    H, Y = rng.standard_normal((N, nf)), rng.standard_normal((N, K))
+    B = np.hstack([H, np.ones((N, 1)), Y])
+    G, width = B.T @ B, nf + 1 + K
+    tol = 1e-5 if dtype == "float32" else 1e-13
+    for tile in (7, 20, width):
+        for p0, p1 in _tiles(width, tile):
+            P = _panel_task(H, Y, nf, 1, N, 100, (p0, p1), width, dtype)
+            assert P.shape == (p1 - p0, width - p0) and P.flags.f_contiguous
+            assert np.abs(P - G[p0:p1, p0:]).max() <= tol * np.abs(G).max()
+            np.testing.assert_array_equal(P[:, :p1 - p0], P[:, :p1 - p0].T)
+
+
 def test_dask_input_without_store_streams_row_blocks():
     p = make_lstsq_problem(600, 40, cond=1e3, n_rhs=2, noise=0.1, seed=2)
     ref = solve(p["A"], p["Y"], method="normal-tiled", tile=9)

@@ -84,55 +84,82 @@ def _tiles(n: int, tile: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
 
-def _columns(read, Y, n_feat: int, bias: int, r0: int, r1: int, c0: int, out: np.ndarray
-             ) -> np.ndarray:
-    """Columns ``[c0, c0 + out.shape[1])`` of ``B = [H, 1, Y]`` (``bias`` = 1) or ``[H, Y]``
-    (``bias`` = 0) for rows ``[r0, r1)``, written into ``out[:r1 - r0]`` (a buffer the
-    caller reuses for every row block: a new array per block cost more in first-touch page
-    faults than the copy itself)."""
-    k, c1 = r1 - r0, c0 + out.shape[1]
-    blk = out[:k]
-    if c0 < n_feat:
-        # view=True: the store's reused read buffer (valid until its next read)
-        np.copyto(blk[:, :min(c1, n_feat) - c0], read(r0, r1, c0, min(c1, n_feat), view=True),
-                  casting="same_kind")
-    if bias and c0 <= n_feat < c1:
-        blk[:, n_feat - c0] = 1.0
-    y0 = n_feat + bias
-    if c1 > y0:
-        np.copyto(blk[:, max(c0, y0) - c0:], Y[r0:r1, max(c0, y0) - y0:c1 - y0],
-                  casting="same_kind")
-    return blk
+def _columns(read, Y, n_feat: int, bias: int, r0: int, r1: int, c0: int,
+             out: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """Consecutive column ranges of ``B = [H, 1, Y]`` (``bias`` = 1) or ``[H, Y]``
+    (``bias`` = 0) for rows ``[r0, r1)``, from column ``c0`` on: ``out[i][:r1 - r0]`` gets
+    the next ``out[i].shape[1]`` columns (buffers the caller reuses for every row block: a
+    new array per block cost more in first-touch page faults than the copy itself). The
+    store is read once for all of them."""
+    k = r1 - r0
+    c_end = c0 + sum(o.shape[1] for o in out)
+    # view=True: the store's reused read buffer (valid until its next read)
+    src = read(r0, r1, c0, min(c_end, n_feat), view=True) if c0 < n_feat else None
+    y0, c, blocks = n_feat + bias, c0, []
+    for o in out:
+        blk, c1 = o[:k], c + o.shape[1]
+        if c < n_feat:
+            np.copyto(blk[:, :min(c1, n_feat) - c], src[:, c - c0:min(c1, n_feat) - c0],
+                      casting="same_kind")
+        if bias and c <= n_feat < c1:
+            blk[:, n_feat - c] = 1.0
+        if c1 > y0:
+            np.copyto(blk[:, max(c, y0) - c:], Y[r0:r1, max(c, y0) - y0:c1 - y0],
+                      casting="same_kind")
+        blocks.append(blk)
+        c = c1
+    return tuple(blocks)
+
+
+def _mirror_upper(T: np.ndarray, block: int = 512) -> None:
+    """Copy the upper triangle of the square ``T`` onto its lower one, in place (column
+    blocks: no temporary larger than ``block`` columns)."""
+    m = T.shape[0]
+    for c0 in range(0, m, block):
+        c1 = min(m, c0 + block)
+        sq = T[c0:c1, c0:c1]
+        sq[...] = np.triu(sq) + np.triu(sq, 1).T
+        if c1 < m:
+            T[c1:, c0:c1] = T[c0:c1, c1:].T
 
 
 def _panel_task(source, Y, n_feat, bias, N, rows, p, width, gram_dtype, out=None,
                 report=None):
     """Panel ``B[:, p0:p1]^T B[:, p0:width]`` summed over row blocks, in ``gram_dtype``.
 
-    One GEMM per row block, accumulating in place (beta = 1) into the panel, Fortran-ordered
-    ``(p1 - p0, width - p0)`` as :class:`PanelCholesky` wants it; the block's columns go
-    to BLAS as their Fortran-ordered transpose (only the panel's own ``p1 - p0`` columns of
-    the block are copied). With ``out`` = (checkpoint directory, name) the panel is
-    written there (atomically) and the path returned instead of the array. ``report`` = (topic,
-    key): the work of each row block goes to the client's progress as it is done
+    Per row block, the diagonal tile ``B_p^T B_p`` is one SYRK (its upper triangle: half
+    the GEMM's flops; mirrored once at the end) and the rest of the panel one GEMM, both
+    accumulating in place (beta = 1) into the panel, Fortran-ordered ``(p1 - p0, width -
+    p0)`` as :class:`PanelCholesky` wants it. The block's columns are copied out of the
+    store's read buffer into two row-major buffers (the panel's own columns and the rest),
+    whose transposes are the Fortran-contiguous operands BLAS takes without another copy.
+    With ``out`` = (checkpoint directory, name) the panel is written there (atomically)
+    and the path returned instead of the array. ``report`` = (topic, key): the work of each
+    row block goes to the client's progress as it is done
     (:class:`swimdist.progress.TaskWork`, in units of ``(p1 - p0) (width - p0)`` per pass).
     """
     read = source() if callable(source) and not isinstance(source, np.ndarray) else (
         lambda r0, r1, c0, c1, view=False: source[r0:r1, c0:c1])
     dt = np.dtype(gram_dtype)
-    gemm = sla.blas.sgemm if dt == np.float32 else sla.blas.dgemm
+    gemm, syrk = (sla.blas.sgemm, sla.blas.ssyrk) if dt == np.float32 else (
+        sla.blas.dgemm, sla.blas.dsyrk)
     p0, p1 = p
-    acc = np.zeros((p1 - p0, width - p0), dtype=dt, order="F")
-    buf = np.empty((min(rows, N), width - p0), dtype=dt)
+    m = p1 - p0
+    acc = np.zeros((m, width - p0), dtype=dt, order="F")
+    bufs = (np.empty((min(rows, N), m), dtype=dt),
+            np.empty((min(rows, N), width - p1), dtype=dt))
     tick = progress.task_ticker(*report) if report is not None else None
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
-        bq = _columns(read, Y, n_feat, bias, r0, r1, p0, buf)  # (r1 - r0, width - p0)
-        # acc (F-order) += bp^T bq with bp = bq[:, :p1 - p0]: bq.T is Fortran-contiguous
-        # as it stands (op(b) = bq), bp^T = bq.T[:p1 - p0] is copied by f2py
-        gemm(1.0, bq.T[:p1 - p0], bq.T, trans_b=1, beta=1.0, c=acc, overwrite_c=1)
+        bp, br = _columns(read, Y, n_feat, bias, r0, r1, p0, bufs)
+        # acc[:, :m] += bp^T bp (upper), acc[:, m:] += bp^T br; bp.T and br.T are
+        # Fortran-contiguous as they stand
+        syrk(1.0, bp.T, beta=1.0, c=acc[:, :m], lower=0, overwrite_c=1)
+        if br.shape[1]:
+            gemm(1.0, bp.T, br.T, trans_b=1, beta=1.0, c=acc[:, m:], overwrite_c=1)
         if tick is not None:
-            tick((p1 - p0) * (width - p0) * (r1 - r0) / N)
+            tick(m * (width - p0) * (r1 - r0) / N)
+    _mirror_upper(acc[:, :m])
     if out is None:
         return acc
     from ..store import save_npy_atomic
