@@ -39,7 +39,9 @@ SAMPLERS = ("swim", "uniform", "random")
 #: How distinct pairs (``replace=False``) are drawn: "keys" (prefix consistent), "numpy".
 DISTINCT_STREAMS = ("keys", "numpy")
 
-#: Distances below this count as this (the reference's ``dist_min``).
+#: Distances below this count as this (the reference's ``dist_min``), for data whose
+#: largest pair distance is in [0.5, 1); scaled with the data otherwise
+#: (:func:`distance_floor`).
 DIST_MIN = 1e-10
 
 
@@ -102,15 +104,36 @@ def draw_candidates(n: int, n_candidates: int, rng: np.random.Generator):
     return idx_from, (idx_from + delta) % n
 
 
-def pairs_to_weights(z_from: np.ndarray, z_to: np.ndarray, activation: str):
+def pair_distances(dz: np.ndarray) -> np.ndarray:
+    """``|dz|`` of every row, with no overflow or underflow at any scale: each row is scaled
+    by a power of two (exact) before its norm, so the result has the same bits as
+    ``np.linalg.norm(dz, axis=1)`` wherever that neither overflows nor underflows."""
+    m = np.max(np.abs(dz), axis=1) if dz.shape[1] else np.zeros(dz.shape[0])
+    e = np.frexp(m)[1][:, None]
+    return np.ldexp(np.linalg.norm(np.ldexp(dz, -e), axis=1), e[:, 0])
+
+
+def distance_floor(dist: np.ndarray) -> float:
+    """The smallest distance a pair counts with: the reference's ``dist_min`` (1e-10) for
+    data whose largest candidate distance lies in ``[0.5, 1)``, scaled by the same power of
+    two as the data otherwise, so that sampling does not depend on the units of ``X`` (a
+    fixed 1e-10 flattened every pair of ``X * 1e-12`` to one distance and zeroed the weights
+    of ``X * 1e-20``)."""
+    top = float(np.max(dist)) if dist.size else 0.0
+    return float(np.ldexp(DIST_MIN, int(np.frexp(top)[1]))) if top > 0 else DIST_MIN
+
+
+def pairs_to_weights(z_from: np.ndarray, z_to: np.ndarray, activation: str,
+                     floor: float = DIST_MIN):
     """Weights and biases of the neurons defined by the rows pairs ``(z_from[k], z_to[k])``.
 
     ``w = weight_scale * dz / dist**2``, ``b = -<w, z_from> - bias_shift`` with
-    ``dist = max(|dz|, 1e-10)``; computed in the reference's operation order.
+    ``dist = max(|dz|, floor)`` (:func:`distance_floor`; the reference's 1e-10 by default);
+    computed in the reference's operation order.
     """
     act = get_activation(activation)
     dz = z_to - z_from
-    dist = np.maximum(np.linalg.norm(dz, axis=1, keepdims=True), DIST_MIN)
+    dist = np.maximum(pair_distances(dz), floor)[:, None]
     directions = dz / dist
     weights = (act.weight_scale * directions / dist).T
     biases = -np.sum(z_from * weights.T, axis=-1) - act.bias_shift
@@ -118,14 +141,35 @@ def pairs_to_weights(z_from: np.ndarray, z_to: np.ndarray, activation: str):
 
 
 def pair_probabilities(dy: np.ndarray | None, dist: np.ndarray, sampler: str) -> np.ndarray:
-    """Probability of each candidate: ``max_k |dy_k| / dist``, uniform if all ~0."""
+    """Probability of each candidate: ``max_k |dy_k| / dist``, uniform if all are 0.
+
+    A pair of coincident points (``dist == 0``) defines no neuron (its weights would be 0)
+    and gets probability 0: clipping its distance made it the likeliest pair of all as soon
+    as its targets differed (repeated rows of ``X`` with noisy or different targets gave a
+    constant network). The ratio is formed from ``dy`` and ``dist`` scaled by powers of two,
+    so targets and inputs of any magnitude neither overflow nor underflow it."""
     n = dist.shape[0]
+    valid = dist > 0
+    n_valid = int(np.count_nonzero(valid))
+    if n_valid == 0:
+        raise ValidationError(
+            f"All {n} candidate pairs join coincident points: the inputs have no two distinct "
+            "rows among them, so SWIM cannot place a neuron. Check X for repeated rows.")
+    uniform = valid / n_valid
     if sampler == "uniform" or dy is None:
-        return np.full(n, 1.0 / n)
-    grad = np.max(np.abs(dy), axis=1) / dist
+        return uniform
+    g = np.max(np.abs(dy), axis=1) if dy.shape[1] else np.zeros(n)
+    top_g = float(np.max(g))
+    if not np.isfinite(top_g):
+        raise ValidationError("The targets are not finite; cannot weigh the candidate pairs.")
+    if top_g == 0:
+        return uniform
+    grad = np.zeros(n)
+    d_scaled = np.ldexp(dist[valid], -int(np.frexp(np.max(dist))[1]))
+    grad[valid] = np.ldexp(g[valid], -int(np.frexp(top_g)[1])) / d_scaled
     total = grad.sum()
-    if total < DIST_MIN:
-        return np.full(n, 1.0 / n)
+    if not total > 0:  # every valid pair has equal targets
+        return uniform
     return grad / total
 
 
@@ -265,8 +309,10 @@ def _sample_layer(X, Y, layers: list[Layer], li: int, width: int, *, activation,
         # no (candidates x d) difference matrix is ever whole.
         for c in range(0, len(pos_from), 8192):
             dz = Z[pos_to[c:c + 8192]] - Z[pos_from[c:c + 8192]]
-            dist[s0 + c:s0 + c + len(dz)] = np.maximum(np.linalg.norm(dz, axis=1), DIST_MIN)
+            dist[s0 + c:s0 + c + len(dz)] = pair_distances(dz)
         del Z, dz
+    floor = distance_floor(dist)
+    dist = np.where(dist > 0, np.maximum(dist, floor), 0.0)
     dy = None
     if Y is not None:
         if classification:
@@ -287,7 +333,7 @@ def _sample_layer(X, Y, layers: list[Layer], li: int, width: int, *, activation,
         Z, pos_from, pos_to = whole[0], whole[1][sel], whole[2][sel]
     else:  # read just the chosen pairs' rows
         Z, pos_from, pos_to = _rows_of(X, layers, li, i_from[sel], i_to[sel], in_memory)
-    W, b = pairs_to_weights(Z[pos_from], Z[pos_to], activation)
+    W, b = pairs_to_weights(Z[pos_from], Z[pos_to], activation, floor)
     logger.info("layer %d: %d neurons from %d candidate pairs", li, width, n_cand)
     return Layer(W, b, activation, i_from[sel], i_to[sel])
 

@@ -38,7 +38,8 @@ Algorithm
      widths, 5.5x for twenty).
 
 4. One pass over the validation rows scores every (width, alpha) of every split; the
-   best (highest mean score; ties: the narrower, then the more damped) is solved again
+   best (highest score: the mean accuracy over the splits, or the R^2 of all held-out
+   predictions together; ties: the narrower, then the more damped) is solved again
    from the total Gram matrix: ``best_estimator_``, a plain :class:`SWIMClassifier` /
    :class:`SWIMRegressor`. No second pass over the features.
 
@@ -59,6 +60,7 @@ import logging
 import math
 import numbers
 import time
+import warnings
 
 import numpy as np
 import scipy.linalg as sla
@@ -330,6 +332,15 @@ def parse_grid(text: str, *, integer: bool = False) -> list:
 
 
 # --------------------------------------------------------------------------- estimators
+def _r2(sse: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """R^2 per point, averaged over outputs, from the squared errors ``sse`` (points x
+    outputs) on the rows ``y``; where ``y`` is constant, 1 for an exact fit and 0 otherwise."""
+    ss_tot = ((y - y.mean(axis=0)) ** 2).sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r2 = np.where(ss_tot > 0, 1 - sse / ss_tot, np.where(sse == 0, 1.0, 0.0))
+    return r2.mean(axis=1)
+
+
 class _SWIMCVBase(_SWIMBase):
     """Shared fit of :class:`SWIMClassifierCV` and :class:`SWIMRegressorCV`."""
 
@@ -497,17 +508,22 @@ class _SWIMCVBase(_SWIMBase):
             rows = groups == g
             if clf:
                 scores[i] = stats[i, :, 0] / rows.sum()
-            else:
-                yv = Y[rows]
-                ss_tot = ((yv - yv.mean(axis=0)) ** 2).sum(axis=0)
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    r2 = np.where(ss_tot > 0, 1 - stats[i] / ss_tot,
-                                  np.where(stats[i] == 0, 1.0, 0.0))
-                scores[i] = r2.mean(axis=1)
-        mean = scores.mean(axis=0)
+            else:  # R^2 of the group; undefined (NaN) for a group of one row
+                scores[i] = _r2(stats[i], Y[rows]) if rows.sum() > 1 else np.nan
+        if clf:
+            mean = scores.mean(axis=0)
+        else:
+            # R^2 of all held-out predictions together (RidgeCV's leave-one-out idiom): the
+            # same as the group's R^2 for one held-out share, and defined for folds of any
+            # size (the mean of per-fold R^2 was 0 at every point for one-row folds, and
+            # the tie-break then chose)
+            mean = _r2(stats.sum(axis=0), Y[np.isin(groups, validated)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN splits: NaN
+            spread = np.nanstd(scores, axis=0)
         res = {"width": np.array([m for m, _ in points]),
                "alpha": np.array([a for _, a in points], dtype=np.float64),
-               "validation_score": mean, "std_validation_score": scores.std(axis=0),
+               "validation_score": mean, "std_validation_score": spread,
                "rank": ranks.min(axis=0)}
         if clf:
             res["validation_error"] = 1.0 - mean
@@ -668,6 +684,10 @@ class SWIMRegressorCV(_SWIMCVBase):
 
     Parameters and attributes as :class:`SWIMClassifierCV` (``validation_mse`` in place
     of ``validation_error``); ``best_estimator_`` is a :class:`SWIMRegressor`.
+    ``validation_score`` is the R^2 of all held-out predictions together (with ``cv``,
+    every row's prediction by the fit on the other folds, as ``RidgeCV`` scores its
+    leave-one-out predictions), so folds of any size, one row included, are scored;
+    ``split<k>_validation_score`` is each fold's own R^2 (NaN for a fold of one row).
     """
 
     _task = "regression"

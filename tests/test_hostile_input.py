@@ -719,7 +719,7 @@ def _prop_store(data, built_store):
             out = attempt("fit on a foreign store",
                           lambda: SWIMRegressor(store=path, **kw).fit(Xh, yh),
                           must_fail=r"different job|NaN|complex|numbers|numeric|sample|"
-                                    r"feature|2D|could not|None|inconsistent")
+                                    r"feature|2D|could not|None|inconsistent|coincident")
         assert isinstance(out, Failed)
         assert _verified_blocks(path) == (4, 4), "a refused job changed the store"
         assert not os.path.exists(path + ".lock"), "a refused job left its lock behind"

@@ -64,6 +64,58 @@ def test_probabilities_follow_gradient_and_fall_back_to_uniform():
     np.testing.assert_allclose(pair_probabilities(np.ones((3, 1)), dist, "uniform"), 1 / 3)
 
 
+def test_coincident_pairs_get_no_probability():
+    """A pair of equal points defines no neuron: probability 0 (not the largest of all, as a
+    clipped distance made it when its targets differed), also under the uniform sampler;
+    with no distinct pair at all, a clear error."""
+    dist = np.array([0.0, 2.0, 1.0])
+    np.testing.assert_allclose(pair_probabilities(np.array([[5.0], [1.0], [1.0]]), dist,
+                                                  "swim"), [0, 1 / 3, 2 / 3])
+    np.testing.assert_allclose(pair_probabilities(None, dist, "uniform"), [0, 0.5, 0.5])
+    with pytest.raises(ValidationError, match="coincident"):
+        pair_probabilities(np.ones((3, 1)), np.zeros(3), "swim")
+
+
+def test_repeated_rows_with_noisy_targets_give_a_real_network():
+    """Every row of X five times with noisy targets (repeated measurements): the network
+    fits the noise-free function about as well as one on the distinct rows (it was a
+    constant model: every neuron drawn from a pair of equal points)."""
+    from swimdist import SWIMClassifier, SWIMRegressor
+
+    rng = np.random.default_rng(0)
+    X0 = rng.normal(size=(100, 3))
+    X = np.repeat(X0, 5, axis=0)
+    f = np.sin(X[:, 0]) + X[:, 1]
+    y = f + 0.1 * rng.normal(size=len(f))
+    m = SWIMRegressor(hidden_layer_sizes=(100,), random_state=0).fit(X, y)
+    assert np.all(np.linalg.norm(m.layers_[0].weights, axis=0) > 0)
+    assert m.score(X, f) > 0.95
+    # discrete inputs (many equal rows with different labels)
+    Xc = rng.normal(size=(600, 4))
+    yc = np.digitize(Xc[:, 0], [-0.5, 0.5])
+    clf = SWIMClassifier(hidden_layer_sizes=(50,), random_state=0).fit(Xc > 0, yc)
+    assert clf.score(Xc > 0, yc) > 0.6  # the best any model of the sign pattern does: 0.65
+
+
+@pytest.mark.parametrize("k", [-600, -40, 40, 500])
+def test_layers_do_not_depend_on_the_units_of_x(k):
+    """X scaled by 2^k (exact) gives the same draws and the same features bit for bit, from
+    2^-600 to 2^500 (a fixed distance floor zeroed every weight of X * 1e-20, and |dz|^2
+    overflowed from X * 1e155 on)."""
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(300, 3))
+    y = (np.sin(X[:, 0]) + X[:, 1])[:, None]
+    ref = sample_layers(X, y, (60,), seed=2)[0]
+    Xs = np.ldexp(X, k)
+    got = sample_layers(Xs, y, (60,), seed=2)[0]
+    np.testing.assert_array_equal(got.idx_from, ref.idx_from)
+    np.testing.assert_array_equal(got.idx_to, ref.idx_to)
+    np.testing.assert_array_equal(got.apply(Xs), ref.apply(X))
+    # and targets of any magnitude weigh the pairs the same
+    got_y = sample_layers(X, np.ldexp(y, k), (60,), seed=2)[0]
+    np.testing.assert_array_equal(got_y.idx_from, ref.idx_from)
+
+
 def test_dask_input_gives_the_same_layers_as_numpy(rng):
     X = rng.random((300, 4))
     y = np.cos(X.sum(1))[:, None]

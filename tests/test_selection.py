@@ -169,8 +169,25 @@ def test_regressor_path_equals_separate_fits_multi_output(replace):
                                        rtol=0, atol=1e-6)
     res = cv.cv_results_
     splits = np.array([res[f"split{k}_validation_score"] for k in range(3)])
-    np.testing.assert_allclose(res["validation_score"], splits.mean(axis=0))
-    assert np.all(res["validation_score"] > 0.9)
+    assert np.all(splits > 0.9) and np.all(res["validation_score"] > 0.9)
+
+
+def test_regressor_scores_folds_of_one_row():
+    """Leave-one-out (``cv=N``): each fold's R^2 is undefined, and the score is the R^2 of
+    all N held-out predictions together, so the choice follows the validation error (a
+    mean of per-fold R^2 was 0 everywhere, and the tie-break chose the narrowest width at
+    the largest alpha)."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 3))
+    y = np.sin(X[:, 0]) + X[:, 1]
+    cv = SWIMRegressorCV(hidden_layer_sizes=(40,), widths=[5, 20, 40], alphas=[0, 1e-4, 10],
+                         cv=60, random_state=0).fit(X, y)
+    res = cv.cv_results_
+    np.testing.assert_allclose(1 - res["validation_score"],
+                               res["validation_mse"] * len(y) / ((y - y.mean()) ** 2).sum())
+    assert cv.best_index_ == int(np.argmin(res["validation_mse"]))
+    assert cv.best_width_ > 5 and cv.best_alpha_ < 10
+    assert np.isnan(res["split0_validation_score"]).all()
 
 
 def test_validation_score_is_the_held_out_accuracy_of_a_fit_on_the_other_rows(rng):
