@@ -40,6 +40,11 @@ def write_atomic(path: str, write: Callable[[IO[bytes]], object]) -> None:
             write(f)
         return
     path = local_path(path)
+    if os.path.isdir(path):
+        from .exceptions import StoreError
+
+        raise StoreError(f"{path!r} is a directory; give the path of a file in it (e.g. "
+                         f"{os.path.join(path, 'model.npz')!r}).")
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=d)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import numbers
 import time
 import warnings
 
@@ -167,8 +168,7 @@ class _SWIMBase:
         if not isinstance(opts, dict):
             raise ValidationError(f"solver_options must be a dict; got {type(opts).__name__}.")
         check_options(self.solver, opts)
-        if isinstance(self.verbose, bool) or not isinstance(self.verbose, int | np.integer) \
-                or self.verbose < 0:
+        if not isinstance(self.verbose, int | np.integer) or self.verbose < 0:
             raise ValidationError(f"verbose must be an integer >= 0; got {self.verbose!r}.")
         if self.progress_callback is not None and not callable(self.progress_callback):
             raise ValidationError(f"progress_callback must be callable or None; got "
@@ -180,12 +180,16 @@ class _SWIMBase:
         elif isinstance(self.random_state, np.random.Generator):
             seed = int(self.random_state.integers(0, 2**31 - 1))
         else:
-            try:
-                seed = int(self.random_state)
-            except (TypeError, ValueError):
-                raise ValidationError(f"random_state must be None or an integer; got "
-                                      f"{self.random_state!r}.") from None
-        return {"sizes": sizes, "rcond": check_nonnegative(self.rcond, "rcond"),
+            rs = self.random_state
+            if isinstance(rs, bool) or not isinstance(rs, numbers.Integral) or rs < 0:
+                raise ValidationError(f"random_state must be None, an integer >= 0 or a numpy "
+                                      f"generator; got {rs!r}.")
+            seed = int(rs)
+        rcond = check_nonnegative(self.rcond, "rcond")
+        if rcond >= 1:
+            raise ValidationError(f"rcond must be below 1 (singular values below rcond * "
+                                  f"sigma_max count as zero); got {self.rcond!r}.")
+        return {"sizes": sizes, "rcond": rcond,
                 "alpha": check_nonnegative(self.alpha, "alpha"), "seed": seed,
                 "options": ({"seed": seed} if "seed" in solver_options(self.solver) else {})
                 | dict(opts)}

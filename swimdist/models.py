@@ -70,12 +70,18 @@ def load_arrays(path: str) -> tuple[dict[str, np.ndarray], dict]:
             npz = np.load(io.BytesIO(data), allow_pickle=False)
         else:
             npz = np.load(local_path(path), allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):  # a .npy file, or a pickle numpy
+            raise StoreError(f"{path!r} is not a swimdist model file (not an .npz archive).")
         with npz:
             arrays = {k: npz[k] for k in npz.files}
     except FileNotFoundError:
         raise StoreError(f"No model file at {path!r}.") from None
+    except StoreError:
+        raise
     except Exception as exc:  # noqa: BLE001 - numpy/zipfile raise many types on bad files
-        raise StoreError(f"{path!r} is not a readable swimdist model file ({exc}).") from None
+        # numpy's own message about unknown content suggests allow_pickle: not for a model
+        why = "not an .npz archive" if "pickle" in str(exc) else str(exc)
+        raise StoreError(f"{path!r} is not a readable swimdist model file ({why}).") from None
     try:
         meta = json.loads(arrays.pop("__meta__").tobytes().decode())
     except Exception:  # noqa: BLE001

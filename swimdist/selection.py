@@ -386,6 +386,9 @@ class _SWIMCVBase(_SWIMBase):
         except TypeError:
             raise ValidationError(f"widths must be a list of positive integers; got "
                                   f"{self.widths!r}.") from None
+        if not widths:
+            raise ValidationError("widths is empty; give at least one width (or None for the "
+                                  "last hidden layer's).")
         if widths[-1] > M:
             raise ValidationError(f"widths must be at most the last hidden layer's width "
                                   f"({M}); got {widths[-1]}.")

@@ -7,7 +7,7 @@ import numbers
 import dask.array as da
 import numpy as np
 
-from .exceptions import DTypeError, ValidationError
+from .exceptions import ChunkingError, DTypeError, ValidationError
 
 
 def _describe(a) -> str:
@@ -34,6 +34,10 @@ def check_X(X, *, name: str = "X", min_samples: int = 1, check_finite: bool = Tr
                 raise ValidationError(f"{name} could not be turned into an array: {exc}") from None
         else:
             raise ValidationError(f"{name} must be an array, got {type(X).__name__}.")
+    if isinstance(X, da.Array) and X.ndim >= 1 and any(np.isnan(c) for c in X.chunks[0]):
+        raise ChunkingError(f"{name} is a dask array whose row chunks are unknown (the result "
+                            "of boolean indexing or a filter); call X.compute_chunk_sizes() "
+                            "first.")
     if X.ndim != 2:
         hint = (" Reshape your data with X.reshape(-1, 1) for a single feature or "
                 "X.reshape(1, -1) for a single sample." if X.ndim == 1 else "")

@@ -8,7 +8,7 @@ import pytest
 
 from swimdist import SWIMClassifier, SWIMRegressor, load_model
 from swimdist.datasets import sine
-from swimdist.exceptions import NotFittedError, StoreError, ValidationError
+from swimdist.exceptions import NotFittedError, StoreError, SwimdistError, ValidationError
 
 
 def test_scikit_learn_check_estimator():
@@ -285,3 +285,37 @@ def test_workers_dying_beyond_recovery_is_a_clear_error():
     assert "tcp://10.0.0.7:4000" in msg and "memory" in msg and "chunk_rows" in msg
     # anything else is not this error
     assert worker_loss_error(ValueError("bad input"), resent=0, attempts=3) is None
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda X, y: SWIMRegressor(random_state=-1).fit(X, y), "random_state must be None"),
+    (lambda X, y: SWIMRegressor(random_state=1.7).fit(X, y), "random_state must be None"),
+    (lambda X, y: SWIMRegressor(rcond=2).fit(X, y), "rcond must be below 1"),
+    (lambda X, y: SWIMRegressor(solver="lsrn", solver_options={"max_iter": "a"}).fit(X, y),
+     "max_iter must be an integer"),
+    (lambda X, y: SWIMRegressor(hidden_layer_sizes=(20,)).fit(
+        da.from_array(X, chunks=100)[da.from_array(X, chunks=100)[:, 0] > -10], y),
+     "compute_chunk_sizes"),
+])
+def test_bad_parameters_and_inputs_get_swimdist_errors(make, match):
+    X, y = sine(300, seed=0)
+    with pytest.raises(SwimdistError, match=match):
+        make(X, y)
+
+
+def test_model_files_refuse_directories_and_other_numpy_files(tmp_path):
+    X, y = sine(200, seed=0)
+    m = SWIMRegressor(hidden_layer_sizes=(20,), random_state=0).fit(X, y)
+    with pytest.raises(StoreError, match="is a directory"):
+        m.save(str(tmp_path))
+    np.save(tmp_path / "a.npy", np.ones(3))
+    (tmp_path / "t.txt").write_text("hello")
+    for name in ("a.npy", "t.txt"):
+        with pytest.raises(StoreError, match="not an .npz archive"):
+            load_model(str(tmp_path / name))
+
+
+def test_split_with_fewer_neurons_than_its_default_blocks():
+    X, y = sine(200, seed=0)
+    m = SWIMRegressor(hidden_layer_sizes=(2,), solver="split", random_state=0).fit(X, y)
+    assert m.fit_info_["n_splits"] == 2

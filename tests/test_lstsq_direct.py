@@ -78,6 +78,7 @@ def test_registry_lists_valid_names():
     (np.ones((0, 2)), np.ones(0), "A is empty"),
     (np.array([[1.0, np.nan]]), np.ones(1), "A contains NaN"),
     (np.ones((2, 2)), np.array([1.0, np.inf]), "Y contains NaN"),
+    (np.ones((3, 2)), np.ones((3, 0)), "Y has no columns"),
 ])
 def test_bad_arguments(A, Y, msg):
     with pytest.raises(ValidationError, match=msg):
@@ -96,3 +97,30 @@ def test_every_registered_solver_agrees_with_direct(name):
     opts = {"n_splits": 1} if name == "split" else {}
     r = solve(A, p["Y"], method=name, rcond=1e-12, **opts)
     assert r.relative_residual <= 1.5 * ref.relative_residual + 1e-12
+
+
+@pytest.mark.parametrize("rcond", [1.0, 2.0, -1e-3])
+def test_rcond_outside_zero_one_is_refused(rcond):
+    # rcond >= 1 cuts every direction: gelsd read it as full rank, the Gram-based solvers
+    # as rank 0; one meaning for all is a refusal
+    with pytest.raises(ValidationError, match=r"rcond must be a number in \[0, 1\)"):
+        solve(np.eye(3), np.ones(3), rcond=rcond)
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+@pytest.mark.parametrize("k", [-660, 530])
+def test_residuals_are_reported_at_any_scale_of_y(name, k):
+    """Y times 2^-660 or 2^530: every solver reports the relative residual and the residual
+    norms of the unscaled problem, scaled (their squares underflowed to 0 and overflowed to
+    NaN)."""
+    p = make_lstsq_problem(300, 20, cond=1e3, n_rhs=2, noise=0.3, seed=7)
+    opts = {"n_splits": 1} if name == "split" else {}
+    ref = solve(p["A"], p["Y"], method=name, **opts)
+    got = solve(p["A"], np.ldexp(p["Y"], k), method=name, **opts)
+    assert got.relative_residual == pytest.approx(ref.relative_residual, rel=1e-9)
+    np.testing.assert_allclose(np.ldexp(got.residual_norm, -k), ref.residual_norm, rtol=1e-9)
+
+
+def test_normal_tiled_on_a_zero_matrix_gives_zero():
+    r = solve(np.zeros((300, 20)), np.ones(300), method="normal-tiled")
+    assert np.all(r.solution == 0) and r.relative_residual == pytest.approx(1.0)

@@ -145,8 +145,12 @@ def solve(A, Y, method: str = "auto", *, rcond: float = 1e-10, alpha: float = 0.
         )
     if A.shape[0] == 0 or A.shape[1] == 0:
         raise ValidationError(f"A is empty (shape {A.shape}); need at least one row and column.")
-    if not np.isfinite(rcond) or rcond < 0:
-        raise ValidationError(f"rcond must be a finite number >= 0; got {rcond!r}.")
+    if y_ndim == 2 and Y.shape[1] == 0:
+        raise ValidationError(f"Y has no columns (shape {Y.shape}); need at least one "
+                              "right-hand side.")
+    if not np.isfinite(rcond) or not 0 <= rcond < 1:
+        raise ValidationError(f"rcond must be a number in [0, 1) (singular values below rcond "
+                              f"* sigma_max count as zero); got {rcond!r}.")
     if not np.isfinite(alpha) or alpha < 0:
         raise ValidationError(f"alpha must be a finite number >= 0; got {alpha!r}.")
     if getattr(A, "dtype", None) is not None and np.dtype(A.dtype).kind == "c":
@@ -190,20 +194,22 @@ def solve(A, Y, method: str = "auto", *, rcond: float = 1e-10, alpha: float = 0.
     if merge is not None:
         res.solution = merge.expand(np.asarray(res.solution).reshape(-1, Y2.shape[1]))
         res.info["merged_columns"] = merge.merged_count
-    if eA or eY:
-        res.solution = np.ldexp(res.solution, eY - eA)
-        if res.residual_norm is not None:
-            res.residual_norm = np.ldexp(np.asarray(res.residual_norm, dtype=np.float64), eY)
-        res.info["power_of_two_scaling"] = {"A": -eA, "Y": -eY}
-        A, Y2 = A_in, Y_in
+    # Residuals are measured on the scaled problem (entries near 1: the squares of 1e-200
+    # underflowed to a relative residual of 0, those of 1e200 overflowed to NaN), then
+    # scaled back with the solution.
     if res.residual_norm is None:
         t1 = time.perf_counter()
         res.residual_norm = residual_norms(A, res.solution, Y2)
         res.timings["residual"] = time.perf_counter() - t1
     if res.relative_residual is None:
-        ynorm = float(np.sqrt(np.sum(column_norms(Y2) ** 2)))
-        rnorm = float(np.sqrt(np.sum(res.residual_norm**2)))
+        ynorm = float(np.linalg.norm(column_norms(Y2)))
+        rnorm = float(np.linalg.norm(np.asarray(res.residual_norm, dtype=np.float64)))
         res.relative_residual = rnorm / ynorm if ynorm > 0 else rnorm
+    if eA or eY:
+        res.solution = np.ldexp(res.solution, eY - eA)
+        res.residual_norm = np.ldexp(np.asarray(res.residual_norm, dtype=np.float64), eY)
+        res.info["power_of_two_scaling"] = {"A": -eA, "Y": -eY}
+        A, Y2 = A_in, Y_in
     res.timings["total"] = time.perf_counter() - t0
     if y_ndim == 1:
         res.solution = res.solution[:, 0]

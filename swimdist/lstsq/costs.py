@@ -304,7 +304,13 @@ def solver_passes(method: str, options: dict | None = None) -> int | None:
     problems), the pass forming ``A V_0`` and a thin one; ``lsrn``: the sketch and
     ``max_iter`` LSQR steps; ``split``: builds its column blocks itself (one).
     """
-    options = options or {}
+    try:
+        return _solver_passes(method, options or {})
+    except (TypeError, ValueError):  # an option of the wrong type: the solver itself says so
+        return None
+
+
+def _solver_passes(method: str, options: dict) -> int | None:
     if method == "normal":
         verify = options.get("verify")
         return 1 + ((int(options.get("max_refine", 3)) + 2 * (verify in (True, "rcond")))

@@ -114,7 +114,7 @@ def neuron_order(n: int, split_order, *, norms: np.ndarray | None = None,
     return np.argsort(-key if split_order == "norm-desc" else key, kind="stable").astype(np.intp)
 
 
-def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int = 4,
+def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int | None = None,
                 split_order="norm", sub_solver: str = "direct", split_sweeps: int = 1,
                 sweep_tol: float = 1e-3, seed: int = 0,
                 sub_options: dict | None = None) -> LstsqResult:
@@ -135,8 +135,9 @@ def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int
     rcond, alpha : float
         Cutoff and Tikhonov damping of every block solve. With ``alpha > 0`` each block is
         damped separately: the result is not the ridge solution of the full problem.
-    n_splits : int
-        Number of column blocks of the neurons (1: the sub-solver on all of ``A``).
+    n_splits : int, optional
+        Number of column blocks of the neurons (1: the sub-solver on all of ``A``); by
+        default 4, or one per neuron when there are fewer.
     split_order : {"norm", "norm-desc", "ordered", "random"} or array of int
         Order of the neurons before they are grouped (see module doc).
     sub_solver : str
@@ -177,6 +178,8 @@ def solve_split(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0, n_splits: int
     check_options(sub_solver, sub_options)
     takes_seed = "seed" in solver_options(sub_solver)
     n_neurons = n - int(bool(intercept))
+    if n_splits is None:
+        n_splits = max(1, min(4, n_neurons))
     if isinstance(n_splits, bool) or not isinstance(n_splits, int | np.integer) or n_splits < 1:
         raise ValidationError(f"n_splits must be a positive integer; got {n_splits!r}.")
     if n_neurons < 1:

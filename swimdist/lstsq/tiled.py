@@ -211,6 +211,8 @@ class PanelCholesky:
         from scipy.sparse.linalg import LinearOperator, eigsh
 
         n = self.n
+        if self.trace() <= 0:  # G = 0 (A^T A with A = 0): Lanczos has no starting vector
+            return 0.0
         if n <= 2:
             G = np.array([[float(self.matvec(e)[i]) for e in np.eye(n)] for i in range(n)])
             return float(np.linalg.eigvalsh(G)[-1])
@@ -575,7 +577,8 @@ def _cholesky_preconditioner(A, Y, n, K, *, reader, tile, gdt, checkpoint, alpha
     if a_tiles and a_tiles[-1][1] < n:  # pragma: no cover - tiles cover [0, width)
         raise AssertionError("tiles do not cover A's columns")
     chol = PanelCholesky(panels, a_tiles)
-    scale = chol.trace() / n if n else 1.0
+    # (A = 0: any ridge makes a preconditioner; CG then stops at x = 0, A^T Y being 0)
+    scale = (chol.trace() / n if n else 0.0) or 1.0
     lam_max = chol.largest_eigenvalue() if n else 0.0
     if ridge is None:
         lam = max(float(alpha), (float(rcond) ** 2) * lam_max)
