@@ -191,7 +191,7 @@ def train(config_path, **kw) -> None:
         with dask.config.set({"swimdist.progress": True}), _sigterm_interrupts():
             metrics = run_job(spec, performance_report=report, progress=True,
                               on_connect=lambda client: _announce(client, report))
-    except SwimdistError as exc:
+    except (SwimdistError, OSError) as exc:  # OSError: a full disk, a lost file system
         _fail(exc)
     except KeyboardInterrupt as exc:
         click.echo(f"interrupted{': ' + str(exc) if str(exc) else ''}", err=True)
@@ -263,8 +263,9 @@ def evaluate(model_path, scheduler, **kw) -> None:
         X, y, Xt, yt, task = load_data(data)
         if Xt is None:
             Xt, yt = X, y
-        m = evaluate(model, Xt, yt, task)
-    except SwimdistError as exc:
+        own = "classification" if hasattr(model, "classes_") else "regression"
+        m = evaluate(model, Xt, yt, task or own)
+    except (SwimdistError, OSError) as exc:
         _fail(exc)
     click.echo(", ".join(f"{k} {v:.6g}" for k, v in m.items()))
 
@@ -286,7 +287,7 @@ def predict(model_path, input_path, x_key, output_path) -> None:
         X = load_array(input_path, x_key)
         pred = np.asarray(model.predict(X))
         write_atomic(output_path, lambda f: np.save(f, pred, allow_pickle=False))
-    except SwimdistError as exc:
+    except (SwimdistError, OSError) as exc:
         _fail(exc)
     click.echo(f"wrote {pred.shape[0]} predictions to {output_path}")
 

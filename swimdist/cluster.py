@@ -34,6 +34,19 @@ def scheduler_address(address: str | None = None) -> str | None:
             or os.environ.get("DASK_SCHEDULER_ADDRESS") or None)
 
 
+def parse_budget(value) -> int:
+    """A memory size (``"6GB"``, ``"500MiB"`` or bytes) as a positive number of bytes, or a
+    ValidationError naming it."""
+    try:
+        total = parse_bytes(value) if isinstance(value, str) else int(value)
+    except (ValueError, TypeError):
+        raise ValidationError(f"memory_limit {value!r} is not a size such as '6GB'.") from None
+    if total <= 0:
+        raise ValidationError(f"memory_limit must be a positive size such as '6GB'; got "
+                              f"{value!r}.")
+    return int(total)
+
+
 def local_cluster_kwargs(*, n_workers: int | None = None, threads_per_worker: int | None = None,
                          memory_limit: str | int | None = None,
                          processes: bool = True) -> dict:
@@ -42,19 +55,17 @@ def local_cluster_kwargs(*, n_workers: int | None = None, threads_per_worker: in
     ``memory_limit`` is the budget of *all* workers together (e.g. "6GB").
     """
     cores = os.cpu_count() or 1
-    threads = int(threads_per_worker or config.get("cluster.threads-per-worker") or 1)
-    workers = int(n_workers or config.get("cluster.n-workers") or max(1, cores // threads))
+    threads = int(threads_per_worker if threads_per_worker is not None
+                  else config.get("cluster.threads-per-worker") or 1)
+    workers = int(n_workers if n_workers is not None
+                  else config.get("cluster.n-workers") or max(1, cores // threads))
     if workers < 1 or threads < 1:
         raise ValidationError(f"n_workers and threads_per_worker must be >= 1; got {workers}, "
                               f"{threads}.")
     budget = memory_limit or config.get("cluster.memory-limit")
     per_worker: int | str = "auto"
     if budget not in (None, "auto"):
-        try:
-            total = parse_bytes(budget) if isinstance(budget, str) else int(budget)
-        except (ValueError, TypeError):
-            raise ValidationError(f"memory_limit {budget!r} is not a size such as '6GB'.") from None
-        per_worker = max(total // workers, 1)
+        per_worker = max(parse_budget(budget) // workers, 1)
     blas = str(config.get("cluster.blas-threads") or 1)
     return {
         "n_workers": workers, "threads_per_worker": threads, "processes": processes,
@@ -134,7 +145,7 @@ def plan_memory(total: int | str, n_workers: int, n_columns: int, *,
     )
     from .lstsq.tiled import TILE
 
-    total = int(parse_bytes(total) if isinstance(total, str) else total)
+    total = parse_budget(total)
     rss = int(psutil.Process().memory_info().rss if client_rss is None else client_rss)
     fixed = rss + CLUSTER_OVERHEAD
     free = total - fixed
@@ -168,6 +179,23 @@ def plan_memory(total: int | str, n_workers: int, n_columns: int, *,
                       worker_limit=int(limit), n_workers=w, plan=plan, gram_tile=tile)
 
 
+def _check_address(address: str) -> None:
+    """Refuse what is not a scheduler address before a Client tries it (distributed's parse
+    fails inside the client's connection loop, which keeps running after the error)."""
+    from distributed.comm import parse_address
+    from distributed.comm.addressing import parse_host_port
+
+    try:
+        scheme, loc = parse_address(str(address))
+        if scheme not in ("tcp", "tls", "inproc", "ucx", "ws", "wss"):
+            raise ValueError(f"unknown address scheme {scheme!r}")
+        if scheme in ("tcp", "tls", "ws", "wss"):
+            parse_host_port(loc)
+    except ValueError as exc:
+        raise SchedulerError(f"{address!r} is not a Dask scheduler address ({exc}); give one "
+                             "such as tcp://host:8786 (tls://host:8786 with TLS).") from None
+
+
 def connect(address: str | None = None, *, n_workers: int | None = None,
             threads_per_worker: int | None = None, memory_limit: str | int | None = None,
             processes: bool = True, timeout: float | None = None, security=None):
@@ -191,6 +219,7 @@ def connect(address: str | None = None, *, n_workers: int | None = None,
                     "configured: pass --tls-ca-file, --tls-cert and --tls-key (job spec: "
                     "cluster.tls_ca_file, tls_cert, tls_key), or set distributed.comm.tls.* "
                     "in the Dask config.")
+        _check_address(address)
         try:
             client = Client(address, timeout=f"{timeout}s", security=security,
                             set_as_default=True)

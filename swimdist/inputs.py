@@ -104,6 +104,20 @@ def _read_error(path: str, exc: Exception) -> ValidationError:
                            "the file may be damaged or truncated.")
 
 
+def holds_one_array(path) -> bool:
+    """Whether ``path`` is a single array (.npy, or a Zarr array rather than a group), which
+    has no names for inputs and targets."""
+    p = str(path).lower().rstrip("/")
+    if p.endswith(".npy"):
+        return os.path.isfile(local_path(str(path)))  # a missing one: load_array says so
+    if p.endswith(".zarr") or is_url(str(path)):
+        try:
+            return not isinstance(zarr.open(store=str(path), mode="r"), zarr.Group)
+        except Exception:  # noqa: BLE001 - unreadable: load_array says why
+            return False
+    return False
+
+
 def load_array(path: str, key: str | None = None, *, chunk_rows: int | None = None):
     """Load an array from .npy, .npz, HDF5 (.h5/.hdf5) or Zarr (.zarr / fsspec URL).
 

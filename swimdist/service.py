@@ -27,7 +27,7 @@ import yaml
 from . import config, datasets
 from ._io import is_url, write_text_atomic
 from .exceptions import JobSpecError, SchedulerError, SwimdistError, ValidationError
-from .inputs import load_array
+from .inputs import holds_one_array, load_array
 
 logger = logging.getLogger("swimdist.service")
 
@@ -160,6 +160,10 @@ def load_spec(path: str | None = None, overrides: dict | None = None) -> dict:
             raise JobSpecError(f"Job spec file {path!r} does not exist.") from None
         except yaml.YAMLError as exc:
             raise JobSpecError(f"Job spec {path!r} is not valid YAML: {exc}") from None
+        except UnicodeDecodeError:
+            raise JobSpecError(f"Job spec {path!r} is not a text file (not UTF-8).") from None
+        except IsADirectoryError:
+            raise JobSpecError(f"Job spec {path!r} is a directory, not a YAML file.") from None
         if data is None:
             data = {}
         if not isinstance(data, dict):
@@ -450,7 +454,8 @@ def _process_start(pid: int) -> float | None:
 def read_status(output: str) -> dict:
     """A job's ``status.json`` with ``state``: running, done, failed or interrupted.
 
-    A job that is neither done nor failed is *interrupted* when its process is gone: on this
+    A job stopped by Ctrl-C or a termination signal records itself as *interrupted*; one that
+    is neither done nor failed nor that is interrupted too when its process is gone: on this
     host, no process with its pid and start time; on another, no heartbeat for six
     heartbeat periods. Raises ``StoreError`` when there is no readable status record.
     """
@@ -476,7 +481,7 @@ def read_status(output: str) -> dict:
     if not isinstance(data, dict) or "phase" not in data:
         raise StoreError(f"{path!r} is not a swimdist job status.")
     phase = data["phase"]
-    if phase in ("done", "failed"):
+    if phase in ("done", "failed", "interrupted"):
         data["state"] = phase
         return data
     data["state"] = "running"
@@ -514,6 +519,12 @@ def load_data(data: dict, *, seed: int = 0):
     if ds == "mnist":
         X, y, Xt, yt = datasets.load_mnist(data["data_dir"], download=data["download"])
         return X, y, Xt, yt, "classification"
+    for what in ("path", "test_path"):
+        if data[what] and holds_one_array(data[what]):
+            raise ValidationError(
+                f"{data[what]!r} holds a single array, and training needs two (inputs and "
+                f"targets); put them into one .npz, HDF5 file or Zarr group as "
+                f"{data['x_key']!r} and {data['y_key']!r}.")
     X = load_array(data["path"], data["x_key"])
     y = np.asarray(load_array(data["path"], data["y_key"]))
     Xt = yt = None
@@ -547,10 +558,24 @@ def make_estimator(model: dict, task: str, store: str | None, select: dict | Non
 
 
 def evaluate(est, X, y, task: str) -> dict:
-    """Metrics of a fitted estimator on ``(X, y)``."""
+    """Metrics of a fitted estimator on ``(X, y)``; ``task`` must be the estimator's own,
+    and ``y`` must fit its predictions (one target per row and output; for a classifier,
+    labels among its classes)."""
+    own = "classification" if hasattr(est, "classes_") else "regression"
+    if task != own:
+        raise ValidationError(f"The model is a {type(est).__name__}; it cannot be evaluated as "
+                              f"{task} (use --task {own}, or no --task).")
     pred = np.asarray(est.predict(X))
     y = np.asarray(y)
+    if y.size != pred.size:
+        raise ValidationError(f"The targets have shape {y.shape}, and the model predicts "
+                              f"{pred.shape} for these inputs.")
     if task == "classification":
+        unknown = np.setdiff1d(np.unique(y), np.asarray(est.classes_))
+        if unknown.size:
+            raise ValidationError(f"The labels include {unknown.size} value(s) the model has "
+                                  f"no class for (e.g. {unknown[0]!r}); its classes are "
+                                  f"{np.asarray(est.classes_)[:10].tolist()}.")
         return {"error_pct": float(100.0 * np.mean(pred != y.reshape(pred.shape))),
                 "n": int(len(y))}
     err = pred - y.reshape(pred.shape)
@@ -572,10 +597,30 @@ def run_job(spec: dict, *, performance_report: str | None = None, progress: bool
 
     out = spec["output"]
     if not is_url(out):
-        os.makedirs(out, exist_ok=True)
+        _check_output(out)
     status = StatusRecord(out)
     with _progress.report(int(progress), status=status):
         return _run_job(spec, status, performance_report, on_connect)
+
+
+def _check_output(out: str) -> None:
+    """Create the output directory, or refuse it before anything runs (a file, a place that
+    cannot be written, a directory where the model or the status record goes)."""
+    from .exceptions import StoreError
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise StoreError(f"The output {out!r} is a file; give a directory (it is created).")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"Cannot create the output directory {out!r}: "
+                         f"{exc.strerror or exc}.") from None
+    for name in ("model.npz", "metrics.json", "status.json"):
+        if os.path.isdir(os.path.join(out, name)):
+            raise StoreError(f"{os.path.join(out, name)!r} is a directory; the job writes a "
+                             "file there. Remove it or choose another output.")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise StoreError(f"The output directory {out!r} is not writable.")
 
 
 def _run_job(spec: dict, status: StatusRecord, performance_report: str | None,
@@ -665,7 +710,12 @@ def _run_job(spec: dict, status: StatusRecord, performance_report: str | None,
         msg = (str(lost or exc) if isinstance(lost or exc, SwimdistError)
                else f"{type(exc).__name__}: {exc}")
         with contextlib.suppress(Exception):
-            status.update(phase="failed", error=msg)
+            if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, SIGTERM: resumable, not failed
+                status.update(phase="interrupted", error=msg,
+                              reason="interrupted (Ctrl-C or a termination signal); run the "
+                                     "same job again to resume")
+            else:
+                status.update(phase="failed", error=msg)
         if lost is not None:
             raise lost from exc
         raise

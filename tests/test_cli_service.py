@@ -117,3 +117,60 @@ def test_info_and_config_commands():
     assert r.exit_code == 0 and "chunk-rows" in r.output
     r = runner.invoke(main, ["config", "cluster.blas-threads"])
     assert r.exit_code == 0 and r.output.strip() == "1"
+
+
+def test_cli_refuses_bad_inputs_and_places_in_one_line(tmp_path):
+    """Refusals a new user meets, each one line and exit code 1, before any training."""
+    runner = CliRunner()
+    np.save(tmp_path / "X.npy", np.ones((50, 3)))
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "bin.yaml").write_bytes(bytes(range(256)))
+    base = ["train", "--dataset", "sine", "--n-train", "200", "--hidden", "10"]
+    out = ["-o", str(tmp_path / "o")]
+    cases = [
+        (["train", "--dataset", "file", "--task", "regression", "--input",
+          str(tmp_path / "X.npy"), *out], "holds a single array"),
+        ([*base, "-o", str(tmp_path / "afile")], "is a file"),
+        ([*base, "--memory-limit", "5XB", *out], "is not a size such as"),
+        ([*base, "--memory-limit", "-3GB", *out], "must be a positive size"),
+        ([*base, "--n-workers", "0", *out], "must be >= 1"),
+        ([*base, "--scheduler", "notanaddress", *out], "not a Dask scheduler address"),
+        (["train", "--config", str(tmp_path / "bin.yaml"), *out], "not a text file"),
+    ]
+    for args, msg in cases:
+        r = runner.invoke(main, args)
+        assert r.exit_code == 1 and msg in r.output, (args, r.output)
+        assert "Traceback" not in r.output
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_evaluate_takes_the_task_from_the_model(tmp_path):
+    from swimdist import SWIMRegressor
+    from swimdist.datasets import sine
+
+    X, y = sine(200, seed=0)
+    path = SWIMRegressor(hidden_layer_sizes=(20,), random_state=0).fit(X, y).save(
+        str(tmp_path / "m.npz"))
+    np.savez(tmp_path / "d.npz", X=X, y=y)
+    runner = CliRunner()
+    args = ["evaluate", "--model", path, "--dataset", "file", "--input", str(tmp_path / "d.npz")]
+    r = runner.invoke(main, args)
+    assert r.exit_code == 0 and "mae" in r.output, r.output
+    r = runner.invoke(main, [*args, "--task", "classification"])
+    assert r.exit_code == 1 and "cannot be evaluated as classification" in r.output
+
+
+def test_an_interrupted_job_reads_interrupted(tmp_path, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt, also what SIGTERM becomes) is recorded as resumable, not
+    as a failure."""
+    from swimdist import service
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(service, "load_data", interrupt)
+    spec = load_spec(None, {"output": str(tmp_path / "o"), "data": {"dataset": "sine"}})
+    with pytest.raises(KeyboardInterrupt):
+        service.run_job(spec)
+    st = service.read_status(str(tmp_path / "o"))
+    assert st["state"] == "interrupted" and "resume" in st["reason"]

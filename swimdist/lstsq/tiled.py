@@ -716,8 +716,9 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
     K = Y.shape[1]
     if tile is None:
         tile = int(config.get("gram-tile", None) or TILE)
-    if not 1 <= tile <= 8000:
-        raise ValidationError(f"tile must be between 1 and 8000 columns; got {tile}.")
+    if isinstance(tile, bool) or not isinstance(tile, numbers.Integral) or not 1 <= tile <= 8000:
+        raise ValidationError(f"tile must be an integer between 1 and 8000 columns; got "
+                              f"{tile!r}.")
     if gram_dtype not in ("float64", "float32"):
         raise ValidationError(f"gram_dtype must be float64 or float32; got {gram_dtype!r}.")
     gdt = np.dtype(gram_dtype)

@@ -261,6 +261,25 @@ class NpyBackend:
         if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
             raise StoreError(f"{self.url!r} is not empty and is not a swimdist feature store; "
                              "it was left untouched. Choose a new or empty directory.")
+        why = "shapes or dtypes differ"
+        try:  # the files' own headers must agree with the store's metadata
+            shape, rows = tuple(meta["shape"]), int(meta["rows_per_block"])
+            # features.npy: its header only (rows cut short are found by their checksums
+            # and generated again); block_crc.npy whole
+            with open(self._p("features.npy"), "rb") as f:
+                read = (np.lib.format.read_array_header_1_0
+                        if np.lib.format.read_magic(f) == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                f_shape, _, f_dtype = read(f)
+            crc = np.load(self._p("block_crc.npy"), mmap_mode="r")
+            ok = (tuple(f_shape) == shape and f_dtype == np.dtype(meta["dtype"])
+                  and crc.dtype == np.uint64 and crc.shape == (-(-shape[0] // rows),))
+            del crc
+        except Exception as exc:  # noqa: BLE001 - numpy raises many types for bad files
+            ok, why = False, f"{type(exc).__name__}: {exc}"
+        if not ok:
+            raise StoreError(f"Feature store {self.url!r} is damaged: its files do not match its "
+                             f"metadata ({why}). It was left untouched; delete it to start over.")
         return meta
 
     def create(self, shape, rows, n_blocks, dtype, meta) -> None:
@@ -345,6 +364,13 @@ def store_backend(url: str, store_format: str | None = None):
         store_format = "npy"  # an existing store keeps its own format
     elif not is_url(url) and os.path.exists(os.path.join(local_path(url), "zarr.json")):
         store_format = "zarr"
+    if is_url(url):  # the URL's file system must be known and installed
+        import fsspec
+
+        try:
+            fsspec.get_filesystem_class(url.split("://", 1)[0])
+        except (ImportError, ValueError) as exc:
+            raise StoreError(f"Cannot use the store URL {url!r}: {exc}") from None
     store_format = store_format or config.get("store-format") or "zarr"
     if store_format not in STORE_FORMATS:
         raise ValidationError(f"Unknown store format {store_format!r}; valid formats are: "
