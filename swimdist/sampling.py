@@ -108,9 +108,15 @@ def pair_distances(dz: np.ndarray) -> np.ndarray:
     """``|dz|`` of every row, with no overflow or underflow at any scale: each row is scaled
     by a power of two (exact) before its norm, so the result has the same bits as
     ``np.linalg.norm(dz, axis=1)`` wherever that neither overflows nor underflows."""
-    m = np.max(np.abs(dz), axis=1) if dz.shape[1] else np.zeros(dz.shape[0])
-    e = np.frexp(m)[1][:, None]
-    return np.ldexp(np.linalg.norm(np.ldexp(dz, -e), axis=1), e[:, 0])
+    with np.errstate(over="ignore", under="ignore"):
+        dist = np.linalg.norm(dz, axis=1)
+    # only rows whose squares may have left the float range are computed again, scaled
+    redo = ~((dist > 2.0**-480) & (dist < 2.0**480))
+    if redo.any():
+        sub = dz[redo]
+        e = np.frexp(np.max(np.abs(sub), axis=1) if sub.shape[1] else np.zeros(len(sub)))[1]
+        dist[redo] = np.ldexp(np.linalg.norm(np.ldexp(sub, -e[:, None]), axis=1), e)
+    return dist
 
 
 def distance_floor(dist: np.ndarray) -> float:
