@@ -144,9 +144,10 @@ def test_dask_input_without_store_streams_row_blocks():
     np.testing.assert_allclose(r.solution, ref.solution, rtol=1e-7, atol=1e-10)
 
 
-def test_bad_tile():
-    with pytest.raises(ValidationError, match="tile must be between"):
-        solve(np.eye(3), np.ones(3), method="normal-tiled", tile=9000)
+@pytest.mark.parametrize("tile", [9000, 0, "abc", 2.5])
+def test_bad_tile(tile):
+    with pytest.raises(ValidationError, match="tile must be an integer between"):
+        solve(np.eye(3), np.ones(3), method="normal-tiled", tile=tile)
 
 
 @pytest.mark.parametrize("store_format", ["zarr", "npy"])
