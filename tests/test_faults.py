@@ -324,7 +324,7 @@ def test_client_terminated_fails_clearly_then_job_resumes(tmp_path):
         assert fault_fired(tmp_path / "fault")["pid"] == proc.pid
         assert proc.returncode == 130 and "interrupted: terminated by SIGTERM" in err
         status = json.loads((out / "status.json").read_text())
-        assert status["phase"] == "failed" and "SIGTERM" in status["error"]
+        assert status["phase"] == "interrupted" and "SIGTERM" in status["error"]
         written = store_intact(str(store))
         assert not os.path.exists(f"{store}.lock")
         # the same job again (in this process) resumes from the verified blocks
