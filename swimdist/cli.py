@@ -393,7 +393,10 @@ def status(output) -> None:
 def config_cmd(key) -> None:
     """Print swimdist's settings (all, or KEY such as cluster.memory-limit)."""
     if key:
-        value = config.get(key)
+        missing = object()
+        value = config.get(key, missing)
+        if value is missing:
+            _fail(SwimdistError(f"No setting swimdist.{key}; `swimdist config` lists them all."))
         if isinstance(value, dict | list):
             click.echo(yaml.safe_dump(value, default_flow_style=False).strip())
         else:

@@ -329,7 +329,8 @@ def _sample_layer(X, Y, layers: list[Layer], li: int, width: int, *, activation,
     if not replace and np.count_nonzero(p) < width:
         raise ValidationError(
             f"Cannot draw {width} distinct neurons: only {np.count_nonzero(p)} candidate "
-            "pairs have nonzero probability. Use replace=True or fewer neurons."
+            "pairs have nonzero probability. Draw with replacement (replace=True; on the "
+            "command line --with-replacement) or ask for fewer neurons."
         )
     if replace or distinct_stream == "numpy":
         sel = rng.choice(dist.shape[0], size=width, replace=replace, p=p)

@@ -174,3 +174,8 @@ def test_an_interrupted_job_reads_interrupted(tmp_path, monkeypatch):
         service.run_job(spec)
     st = service.read_status(str(tmp_path / "o"))
     assert st["state"] == "interrupted" and "resume" in st["reason"]
+
+
+def test_config_of_an_unknown_key_is_an_error():
+    r = CliRunner().invoke(main, ["config", "clustr"])
+    assert r.exit_code == 1 and "No setting swimdist.clustr" in r.output

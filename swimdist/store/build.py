@@ -248,8 +248,9 @@ def describe_store(url: str) -> dict:
     dict
         ``format`` (zarr or npy), ``path``, ``version``, ``shape``, ``dtype``,
         ``rows_per_block``, ``cols_per_chunk`` (Zarr column tile; None for npy),
-        ``fingerprint``, ``complete`` and ``blocks``: ``total``, ``written`` (a checksum is
-        recorded) and ``verified`` (the checksum matches the block's data).
+        ``fingerprint``, ``complete`` (the build finished and every block verifies) and
+        ``blocks``: ``total``, ``written`` (a checksum is recorded) and ``verified`` (the
+        checksum matches the block's data).
 
     Raises
     ------
@@ -278,6 +279,7 @@ def describe_store(url: str) -> dict:
     except Exception as exc:  # noqa: BLE001 - zarr and numpy raise many types on bad files
         raise StoreError(f"Feature store {url!r} is damaged: its block checksums cannot be "
                          f"read ({type(exc).__name__}).") from None
+    verified = verify_blocks(backend, rows, reset=False, crcs=crcs)
     return {
         "format": backend.kind,
         "path": str(url),
@@ -287,9 +289,11 @@ def describe_store(url: str) -> dict:
         "rows_per_block": rows,
         "cols_per_chunk": cols,
         "fingerprint": meta.get("fingerprint"),
-        "complete": bool(meta.get("complete", False)),
+        # complete: the build finished and every block still verifies (a block damaged or
+        # lost since is generated again by the next run of the job)
+        "complete": bool(meta.get("complete", False)) and verified == len(crcs),
         "blocks": {"total": int(len(crcs)), "written": int(np.count_nonzero(crcs)),
-                   "verified": verify_blocks(backend, rows, reset=False, crcs=crcs)},
+                   "verified": verified},
     }
 
 
