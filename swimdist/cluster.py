@@ -153,6 +153,7 @@ def plan_memory(total: int | str, n_workers: int, n_columns: int, *,
     w = max(1, int(n_workers))
     dense = int(client_dense_bytes(n))
     need = max(WORKER_FLOOR, int(2 * gram_partials_bytes(n)))
+    smallest = dense + w * need  # the least either plan needs besides the client's share
     tile = None
     if dense + w * need <= free:
         plan, reserve = "normal equations", dense
@@ -164,6 +165,7 @@ def plan_memory(total: int | str, n_workers: int, n_columns: int, *,
             reserve = int(tiled_client_bytes(n, tile))
             need = max(WORKER_FLOOR, int((WORKER_BASELINE + tiled_worker_bytes(n, tile))
                                          / WORKER_HEADROOM))
+            smallest = min(smallest, reserve + w * need)
             if reserve + w * need <= free:
                 break
     limit = (free - reserve) // w
@@ -171,10 +173,10 @@ def plan_memory(total: int | str, n_workers: int, n_columns: int, *,
         mb = 2**20
         raise ValidationError(
             f"A memory limit of {format_bytes(total)} is too small for {n} columns on {w} "
-            f"workers: the client holds {fixed / mb:.0f} MB (libraries and data) and needs "
-            f"{reserve / mb:.0f} MB for the {plan}, which leaves {max(limit, 0) / mb:.0f} MB "
-            f"per worker (they need {need / mb:.0f} MB). Raise --memory-limit, use "
-            "fewer workers or fewer neurons.")
+            f"workers: the client holds {fixed / mb:.0f} MB (libraries and data), and the "
+            f"least plan needs {smallest / mb:.0f} MB more for the dense work and the "
+            f"workers. Raise --memory-limit to at least {format_bytes(fixed + smallest)}, "
+            "use fewer workers or fewer neurons.")
     return MemoryPlan(total=total, client_fixed=fixed, client_dense=reserve,
                       worker_limit=int(limit), n_workers=w, plan=plan, gram_tile=tile)
 

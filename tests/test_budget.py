@@ -60,6 +60,19 @@ def test_plan_refuses_a_budget_the_client_alone_exceeds():
         plan_memory("700MB", 2, 11, client_rss=500 * MB)
 
 
+@pytest.mark.parametrize("n", [11, 501, 4001, 20001])
+def test_the_refusal_names_the_least_budget_that_plans(n):
+    """The budget a refusal names is one that plans (and a little less does not)."""
+    from dask.utils import parse_bytes
+
+    with pytest.raises(ValidationError, match="at least") as err:
+        plan_memory("300MB", 2, n, client_rss=250 * MB)
+    least = parse_bytes(str(err.value).split("at least ")[1].split(",")[0])
+    plan_memory(int(least) + MB, 2, n, client_rss=250 * MB)
+    with pytest.raises(ValidationError):
+        plan_memory(int(least * 0.98), 2, n, client_rss=250 * MB)
+
+
 def test_train_with_a_budget_sizes_the_workers_from_what_is_left(tmp_path, monkeypatch):
     """The embedded cluster's workers get the budget minus the client's measured share."""
     from swimdist import service
