@@ -350,7 +350,7 @@ def _print_status(output: str) -> None:
         else:
             shown["done"] = f"{ev.get('done', 0)} {ev.get('unit') or ''}".strip()
         if ev.get("finished"):
-            shown["done"] += " (finished)"
+            shown["done"] += " (stopped)" if ev.get("stopped") else " (finished)"
         elif st["state"] == "running" and ev.get("eta") is not None:
             shown["eta"] = _eta_now(ev["eta"], st.get("updated"))
     res = st.get("residual")

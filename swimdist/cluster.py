@@ -198,6 +198,25 @@ def _check_address(address: str) -> None:
                              "such as tcp://host:8786 (tls://host:8786 with TLS).") from None
 
 
+@contextlib.contextmanager
+def _workers_ignore_sigint():
+    """Start worker processes with SIGINT ignored (they inherit it; Python then installs no
+    KeyboardInterrupt handler in them): Ctrl-C in a terminal reaches the whole process
+    group, and the workers dying of it mid-task printed dozens of traceback lines while
+    the client was already shutting them down in order."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def connect(address: str | None = None, *, n_workers: int | None = None,
             threads_per_worker: int | None = None, memory_limit: str | int | None = None,
             processes: bool = True, timeout: float | None = None, security=None):
@@ -250,7 +269,7 @@ def connect(address: str | None = None, *, n_workers: int | None = None,
     no_trim = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
     if os.environ.get("MALLOC_TRIM_THRESHOLD_") == str(_DISTRIBUTED_TRIM):
         os.environ.pop("MALLOC_TRIM_THRESHOLD_")  # left here by an earlier nanny's spawn
-    with dask.config.set({**local_origins, **no_trim}):
+    with dask.config.set({**local_origins, **no_trim}), _workers_ignore_sigint():
         cluster = LocalCluster(silence_logs=logging.WARNING, **kw)
     client = Client(cluster, set_as_default=True)
     mem = kw["memory_limit"]

@@ -29,6 +29,7 @@ callback's ``_posttask`` on the threaded scheduler.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import sys
@@ -53,7 +54,8 @@ class Event:
     ``done``/``total`` count ``unit`` (``total`` None: unknown, e.g. iterations); ``rate`` is
     units per second over the stage so far; ``eta`` the seconds left at that rate (None
     without a total); ``residual``/``target``: the last relative residual of an iteration
-    and the value it stops at. ``finished`` marks the stage's last event.
+    and the value it stops at. ``finished`` marks the stage's last event; ``stopped`` says
+    that the stage ended by an error or an interrupt rather than by completing its work.
     """
 
     stage: str
@@ -66,6 +68,7 @@ class Event:
     residual: float | None = None
     target: float | None = None
     finished: bool = False
+    stopped: bool = False
 
     def as_dict(self) -> dict:
         """The event as plain JSON-ready values (rounded)."""
@@ -102,7 +105,8 @@ def format_event(ev: Event) -> str:
         tail = f" (target {ev.target:.1e})" if ev.target is not None else ""
         parts.append(f"residual {ev.residual:.2e}{tail}")
     if ev.finished:
-        parts.append(f"done in {format_seconds(ev.elapsed)}")
+        parts.append(f"{'stopped after' if ev.stopped else 'done in'} "
+                     f"{format_seconds(ev.elapsed)}")
     else:
         if ev.rate is not None:
             parts.append(f"{ev.rate:.3g} {ev.unit}/s")
@@ -254,14 +258,14 @@ class Stage:
                 self._bar.update(step)
         self._emit(ev)
 
-    def close(self) -> None:
+    def close(self, stopped: bool = False) -> None:
         if self._closed:
             return
         self._closed = True
         if self._bar is not None:
             self._bar.close()
         if not self._rep.silent:
-            self._emit(self.event(finished=True))
+            self._emit(dataclasses.replace(self.event(finished=True), stopped=stopped))
 
     def _emit(self, ev: Event) -> None:
         rep = self._rep
@@ -302,14 +306,16 @@ def stage(name: str, total: int | None = None, *, unit: str = "",
         with rep.lock:
             rep.open.append(st)
         st._emit(st.event())  # the stage has begun (shown in the status record at once)
+    stopped = True
     try:
         yield st
+        stopped = False
     finally:
         if not rep.silent:
             with rep.lock:
                 if st in rep.open:
                     rep.open.remove(st)
-        st.close()
+        st.close(stopped=stopped)
 
 
 def active() -> bool:

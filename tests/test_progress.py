@@ -334,3 +334,22 @@ def test_without_a_report_tasks_send_nothing(local_cluster_factory):
     with progress.stage("quiet", total=1, work=1.0) as st, progress.TaskWork(st, client) as tw:
         assert tw.topic is None  # estimators are quiet by default: no events at all
     assert progress.task_ticker(None, "x")(1.0) is None
+
+
+def test_a_stage_ended_by_an_error_says_it_stopped():
+    """A stage left by an exception (an error, Ctrl-C) reports that it stopped, not that it
+    was done."""
+    from swimdist import progress
+
+    events = []
+    with pytest.raises(KeyboardInterrupt), progress.report(0, events.append), \
+            progress.stage("sketch", total=4, unit="blocks") as st:
+        st.update(1)
+        raise KeyboardInterrupt
+    last = events[-1]
+    assert last.finished and last.stopped and last.done == 1
+    assert "stopped after" in progress.format_event(last)
+    with progress.report(0, events.append), \
+            progress.stage("sketch", total=1, unit="blocks") as st:
+        st.update(1)
+    assert events[-1].finished and not events[-1].stopped
