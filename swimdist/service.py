@@ -268,8 +268,16 @@ def _validate_select(spec: dict) -> None:
     from .selection import parse_grid
 
     sel = spec["select"]
+    default = DEFAULT_SPEC["select"]["validation_fraction"]
     if not selecting(spec):
+        if sel["cv"] is not None or sel["validation_fraction"] != default:
+            raise JobSpecError("select.cv and select.validation_fraction say how a model "
+                               "selection validates; give select.widths or select.alphas "
+                               "(--select widths=... / alphas=...) to select, or drop them.")
         return
+    if sel["cv"] is not None and sel["validation_fraction"] != default:
+        raise JobSpecError("select.cv and select.validation_fraction are two ways to validate; "
+                           "give one of them.")
     try:
         for key, integer in (("widths", True), ("alphas", False)):
             v = sel[key]

@@ -89,6 +89,10 @@ def test_config_file_flags_and_env_precedence(tmp_path, monkeypatch):
     ({"data": {"dataset": "file"}}, "data.path is required"),
     ({"cluster": "local"}, "'cluster' must be a mapping"),
     ({"version": 2}, "version' 2 is not supported"),
+    ({"select": {"cv": 3}}, "give select.widths or select.alphas"),
+    ({"select": {"validation_fraction": 0.3}}, "give select.widths or select.alphas"),
+    ({"select": {"widths": [10, 20], "cv": 3, "validation_fraction": 0.2}},
+     "give one of them"),
 ])
 def test_bad_job_specs_name_the_key(tmp_path, content, msg):
     p = tmp_path / "job.yaml"
