@@ -138,3 +138,15 @@ def test_train_mnist_2000_sends_no_large_graph(tmp_path, mnist_path):
     assert r.exit_code == 0, r.output
     assert not [m for m in seen if "large graph" in m.lower()], seen
     assert "error_pct" in (tmp_path / "out" / "metrics.json").read_text()
+
+
+@pytest.mark.parametrize("method", ["auto", "lsrn", "normal", "normal-tiled"])
+def test_numeric_options_of_the_wrong_kind_are_refused_up_front(method):
+    """A numeric option that is not a number is refused before any work, for ``auto`` too
+    (where it went unnoticed unless the candidate that takes it was chosen); a string that
+    reads as a number (YAML 1.1 leaves 1e-3 a string) is accepted."""
+    opts = {"auto": "tol", "lsrn": "tol", "normal": "accept_tol", "normal-tiled": "cg_tol"}
+    key = opts[method]
+    with pytest.raises(ValidationError, match=f"{key} must be a number"):
+        solve(np.eye(4), np.ones(4), method=method, **{key: "abc"})
+    solve(np.eye(4), np.ones(4), method=method, **{key: "1e-3"})

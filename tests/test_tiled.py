@@ -146,7 +146,7 @@ def test_dask_input_without_store_streams_row_blocks():
 
 @pytest.mark.parametrize("tile", [9000, 0, "abc", 2.5])
 def test_bad_tile(tile):
-    with pytest.raises(ValidationError, match="tile must be an integer between"):
+    with pytest.raises(ValidationError, match="tile must be an integer"):
         solve(np.eye(3), np.ones(3), method="normal-tiled", tile=tile)
 
 
@@ -203,7 +203,7 @@ def test_blocked_cholesky_at_16500_columns_does_not_crash():
 
 @pytest.mark.parametrize("kw, msg", [
     ({"max_iter": -1}, "max_iter must be an integer >= 0"),
-    ({"max_iter": 2.5}, "max_iter must be an integer >= 0"),
+    ({"max_iter": 2.5}, "max_iter must be an integer"),
     ({"cg_tol": -1.0}, "cg_tol must be a finite number >= 0"),
     ({"cg_tol": float("nan")}, "cg_tol must be a finite number >= 0"),
     ({"tol": 1e-6}, "Unknown option 'tol' for solver 'normal-tiled'"),

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import numbers
 import time
 from collections.abc import Callable
 
@@ -91,8 +92,34 @@ def solver_options(method: str) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+def _option_kinds(method: str) -> dict:
+    """``int`` or ``float`` for every numeric option of solver ``method`` (``auto``: of its
+    candidates too), from its default, or its annotation (``float | None``) where the
+    default is None."""
+    out = {}
+    names = [method]
+    if method == "auto":
+        from .auto import CANDIDATES
+
+        names += [c for c in CANDIDATES if c in SOLVERS]
+    for name in names:
+        for p in inspect.signature(get_solver(name)).parameters.values():
+            if p.kind is not p.KEYWORD_ONLY or p.name in out:
+                continue
+            d, ann = p.default, str(p.annotation).replace(" ", "")
+            if isinstance(d, bool):
+                continue
+            if isinstance(d, int) or (d is None and ann in ("int|None", "int")):
+                out[p.name] = int
+            elif isinstance(d, float) or (d is None and ann in ("float|None", "float")):
+                out[p.name] = float
+    return out
+
+
 def check_options(method: str, options: dict) -> None:
-    """Refuse options that solver ``method`` does not take, naming them and the valid ones."""
+    """Refuse options that solver ``method`` does not take, naming them and the valid ones,
+    and values of the wrong kind for a numeric option (an int or a float by its default or
+    annotation: every candidate of ``auto`` is checked, not only the one it will choose)."""
     valid = solver_options(method)
     unknown = sorted(set(options) - set(valid))
     if unknown:
@@ -101,6 +128,27 @@ def check_options(method: str, options: dict) -> None:
             f"Unknown {what} {', '.join(map(repr, unknown))} for solver {method!r}; valid "
             f"options are: {', '.join(valid) or 'none (rcond and alpha only)'}."
         )
+    kinds = _option_kinds(method)
+    for key, value in options.items():
+        kind = kinds.get(key)
+        if kind is None or value is None or _reads_as(value, kind):
+            continue
+        raise ValidationError(f"{key} must be {'an integer' if kind is int else 'a number'} "
+                              f"(an option of solver {method!r}); got {value!r}.")
+
+
+def _reads_as(value, kind) -> bool:
+    """``value`` is a number of ``kind`` (int: integral), or a string that reads as one
+    (YAML 1.1 leaves ``1e-3`` a string)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, str):
+        try:
+            kind(value)
+        except ValueError:
+            return False
+        return True
+    return isinstance(value, numbers.Integral if kind is int else numbers.Real)
 
 
 def solve(A, Y, method: str = "auto", *, rcond: float = 1e-10, alpha: float = 0.0,
