@@ -136,6 +136,8 @@ def train(config_path, **kw) -> None:
     if data:
         over["data"] = data
     model: dict = {}
+    if kw.get("hidden") is not None and not str(kw["hidden"]).strip():
+        _fail(SwimdistError("--hidden is empty; give widths such as 1000 or 500,500."))
     if kw.get("hidden"):
         try:
             model["hidden_layer_sizes"] = [int(s) for s in str(kw["hidden"]).split(",")]
@@ -193,6 +195,10 @@ def train(config_path, **kw) -> None:
                               on_connect=lambda client: _announce(client, report))
     except (SwimdistError, OSError) as exc:  # OSError: a full disk, a lost file system
         _fail(exc)
+    except MemoryError as exc:
+        _fail(SwimdistError(f"Out of memory ({exc or 'an allocation failed'}); give the job a "
+                            "--memory-limit so that it plans for the memory it has, or fewer "
+                            "neurons."))
     except KeyboardInterrupt as exc:
         click.echo(f"interrupted{': ' + str(exc) if str(exc) else ''}", err=True)
         sys.exit(130)

@@ -201,6 +201,10 @@ def validate_spec(spec: dict) -> None:
     d, m = spec["data"], spec["model"]
     if d["dataset"] not in ("sine", "mnist", "file"):
         raise JobSpecError(f"data.dataset must be sine, mnist or file; got {d['dataset']!r}.")
+    if d["dataset"] != "file" and (d["path"] or d["test_path"]):
+        raise JobSpecError(f"data.path and data.test_path (--input, --test-input) are read "
+                           f"with data.dataset 'file' only; the dataset is "
+                           f"{d['dataset']!r}.")
     if d["dataset"] == "file":
         if not d["path"]:
             raise JobSpecError("data.path is required when data.dataset is 'file'.")
@@ -244,6 +248,13 @@ def validate_spec(spec: dict) -> None:
     if any(tls) and not all(tls):
         raise JobSpecError("cluster.tls_ca_file, cluster.tls_cert and cluster.tls_key go "
                            "together: give all three or none.")
+    if any(tls):
+        from .cluster import scheduler_address
+
+        if not scheduler_address(c["scheduler"]):
+            raise JobSpecError("cluster.tls_* files are for a tls:// scheduler "
+                               "(cluster.scheduler, --scheduler); the embedded cluster does "
+                               "not use them.")
     if m["feature_dtype"] not in ("float64", "float32"):
         raise JobSpecError(f"model.feature_dtype must be float64 or float32; got "
                            f"{m['feature_dtype']!r}.")
@@ -669,6 +680,9 @@ def _run_job(spec: dict, status: StatusRecord, performance_report: str | None,
             on_connect(client)
         X, y, Xt, yt, task = data or load_data(spec["data"], seed=seed)
         del data
+        if Xt is not None and (np.ndim(Xt) != 2 or Xt.shape[1] != X.shape[1]):
+            raise ValidationError(f"The test inputs have shape {tuple(Xt.shape)}, and the "
+                                  f"training inputs {X.shape[1]} features.")
         est = make_estimator(spec["model"], task, spec["store"], spec["select"])
         status.update(phase="fitting", task=task, n_train=int(X.shape[0]))
         report = (_performance_report(performance_report) if performance_report

@@ -90,6 +90,9 @@ def test_config_file_flags_and_env_precedence(tmp_path, monkeypatch):
     ({"cluster": "local"}, "'cluster' must be a mapping"),
     ({"version": 2}, "version' 2 is not supported"),
     ({"select": {"cv": 3}}, "give select.widths or select.alphas"),
+    ({"data": {"dataset": "sine", "path": "x.npz"}}, "read with data.dataset 'file' only"),
+    ({"cluster": {"tls_ca_file": "a", "tls_cert": "b", "tls_key": "c"}},
+     "the embedded cluster does not use them"),
     ({"select": {"validation_fraction": 0.3}}, "give select.widths or select.alphas"),
     ({"select": {"widths": [10, 20], "cv": 3, "validation_fraction": 0.2}},
      "give one of them"),
@@ -127,6 +130,9 @@ def test_cli_refuses_bad_inputs_and_places_in_one_line(tmp_path):
     """Refusals a new user meets, each one line and exit code 1, before any training."""
     runner = CliRunner()
     np.save(tmp_path / "X.npy", np.ones((50, 3)))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "good.npz", X=rng.normal(size=(50, 3)), y=rng.normal(size=50))
+    np.savez(tmp_path / "bad.npz", X=rng.normal(size=(20, 4)), y=rng.normal(size=20))
     (tmp_path / "afile").write_text("x")
     (tmp_path / "bin.yaml").write_bytes(bytes(range(256)))
     base = ["train", "--dataset", "sine", "--n-train", "200", "--hidden", "10"]
@@ -140,6 +146,10 @@ def test_cli_refuses_bad_inputs_and_places_in_one_line(tmp_path):
         ([*base, "--n-workers", "0", *out], "must be >= 1"),
         ([*base, "--scheduler", "notanaddress", *out], "not a Dask scheduler address"),
         (["train", "--config", str(tmp_path / "bin.yaml"), *out], "not a text file"),
+        ([*base, "--hidden", "", *out], "--hidden is empty"),
+        (["train", "--dataset", "file", "--task", "regression", "--input",
+          str(tmp_path / "good.npz"), "--test-input", str(tmp_path / "bad.npz"),
+          "--hidden", "10", "--n-workers", "1", *out], "training inputs 3 features"),
     ]
     for args, msg in cases:
         r = runner.invoke(main, args)
