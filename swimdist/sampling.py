@@ -105,9 +105,10 @@ def draw_candidates(n: int, n_candidates: int, rng: np.random.Generator):
 
 
 def pair_distances(dz: np.ndarray) -> np.ndarray:
-    """``|dz|`` of every row, with no overflow or underflow at any scale: each row is scaled
-    by a power of two (exact) before its norm, so the result has the same bits as
-    ``np.linalg.norm(dz, axis=1)`` wherever that neither overflows nor underflows."""
+    """``|dz|`` of every row, with no overflow or underflow at any scale: ``np.linalg.norm``,
+    and for the rows whose squares may have left the float range the norm of the row scaled
+    by a power of two (exact), scaled back; elsewhere the bits of ``np.linalg.norm(dz,
+    axis=1)``, the reference's distances."""
     with np.errstate(over="ignore", under="ignore"):
         dist = np.linalg.norm(dz, axis=1)
     # only rows whose squares may have left the float range are computed again, scaled
