@@ -34,11 +34,13 @@ from .lstsq.costs import solver_passes
 from .models import MODEL_FORMAT, MODEL_VERSION, check_model_file, load_arrays, save_arrays
 from .sampling import SAMPLERS, Layer, merge_duplicates, sample_layers
 from .validation import (
+    check_feature_names,
     check_hidden_layer_sizes,
     check_nonnegative,
     check_positive_int,
     check_X,
     check_y,
+    feature_names,
 )
 
 logger = logging.getLogger("swimdist.estimators")
@@ -224,9 +226,14 @@ class _SWIMBase:
         # A memory-mapped .npy file is read by the workers, a row block each, like Zarr
         # and HDF5 inputs: the client never pages it in.
         mapped = file_backed(X)
+        names = feature_names(X)
         X = check_X(X if mapped is None else mapped, min_samples=2)
         Y, Ysample = self._targets(y, X.shape[0])
         self.n_features_in_ = X.shape[1]
+        if names is not None:
+            self.feature_names_in_ = names
+        elif hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
         self.seed_ = p["seed"]
 
         layers = sample_layers(
@@ -321,6 +328,7 @@ class _SWIMBase:
     def _raw_output(self, X):
         """Output-layer values (N, K): numpy for numpy input, lazy dask for dask input."""
         self._check_fitted()
+        check_feature_names(self, X)
         X = check_X(X, check_finite=not isinstance(X, da.Array))
         if X.shape[1] != self.n_features_in_:
             raise ValidationError(f"X has {X.shape[1]} features, but {type(self).__name__} is "
@@ -352,6 +360,8 @@ class _SWIMBase:
         for i, layer in enumerate(self.layers_):
             arrays[f"W{i}"] = layer.weights
             arrays[f"b{i}"] = layer.biases
+        if hasattr(self, "feature_names_in_"):
+            arrays["feature_names_in"] = np.asarray(self.feature_names_in_, dtype=str)
         if hasattr(self, "classes_"):
             classes = np.asarray(self.classes_)
             if classes.dtype == object:
@@ -544,6 +554,8 @@ def load_model(path: str):
         est.intercept_ = arrays["intercept"]
         if "classes" in arrays:
             est.classes_ = arrays["classes"]
+        if "feature_names_in" in arrays:
+            est.feature_names_in_ = arrays["feature_names_in"].astype(object)
     except KeyError as exc:
         from .exceptions import StoreError
 

@@ -73,7 +73,13 @@ from .lstsq.kernels import gram_upper
 from .lstsq.normal import TILE, symmetrize, trusted_rcond
 from .lstsq.tiled import blocked_cholesky
 from .sampling import SAMPLERS, Layer, merge_duplicates, sample_layers
-from .validation import check_hidden_layer_sizes, check_nonnegative, check_positive_int, check_X
+from .validation import (
+    check_hidden_layer_sizes,
+    check_nonnegative,
+    check_positive_int,
+    check_X,
+    feature_names,
+)
 
 logger = logging.getLogger("swimdist.selection")
 _EPS = float(np.finfo(np.float64).eps)
@@ -439,8 +445,13 @@ class _SWIMCVBase(_SWIMBase):
         -------
         self
         """
+        names = feature_names(X)
         X = check_X(X, min_samples=2)
         p = self._check_cv_params(X.shape[0])
+        if names is not None:
+            self.feature_names_in_ = names
+        elif hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
         with self._progress():
             return self._fit_path(X, y, p)
 
@@ -589,6 +600,8 @@ class _SWIMCVBase(_SWIMBase):
                              "progress_callback": None})
         est.layers_ = [*self.layers_[:-1], prefix]
         est.n_features_in_ = self.n_features_in_
+        if hasattr(self, "feature_names_in_"):
+            est.feature_names_in_ = self.feature_names_in_
         est.seed_ = self.seed_
         est._y_ndim = getattr(self, "_y_ndim", 1)
         if hasattr(self, "classes_"):

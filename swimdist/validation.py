@@ -131,3 +131,30 @@ def check_nonnegative(value, name: str) -> float:
     if not np.isfinite(v) or v < 0:
         raise ValidationError(f"{name} must be a finite number >= 0; got {value!r}.")
     return v
+
+
+def feature_names(X) -> np.ndarray | None:
+    """The column names of a DataFrame-like ``X`` when every one is a string (scikit-learn's
+    rule for ``feature_names_in_``), as an object array; None otherwise."""
+    cols = getattr(X, "columns", None)
+    if cols is None or isinstance(X, da.Array):
+        return None
+    names = list(cols)
+    if not names or not all(isinstance(c, str) for c in names):
+        return None
+    return np.asarray(names, dtype=object)
+
+
+def check_feature_names(est, X) -> None:
+    """Refuse ``X`` whose column names differ from those ``est`` was fitted with (a
+    DataFrame with columns renamed or reordered would otherwise be read by position)."""
+    fitted = getattr(est, "feature_names_in_", None)
+    names = feature_names(X)
+    if fitted is None or names is None:
+        return
+    if len(names) != len(fitted) or not np.array_equal(names, fitted):
+        diff = [f"{a!r} (fit) vs {b!r}" for a, b in zip(fitted, names, strict=False) if a != b]
+        raise ValidationError(
+            f"The feature names differ from those seen in fit ({len(fitted)} columns; first "
+            f"differences: {', '.join(diff[:3]) or 'the column count'}); pass the columns "
+            "in the order of fit.")

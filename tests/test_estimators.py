@@ -319,3 +319,38 @@ def test_split_with_fewer_neurons_than_its_default_blocks():
     X, y = sine(200, seed=0)
     m = SWIMRegressor(hidden_layer_sizes=(2,), solver="split", random_state=0).fit(X, y)
     assert m.fit_info_["n_splits"] == 2
+
+
+class _Frame:
+    """The part of a DataFrame the estimators read: ``columns`` and ``__array__``."""
+
+    def __init__(self, values, columns):
+        self.values, self.columns = np.asarray(values), list(columns)
+
+    def __array__(self, dtype=None, copy=None):
+        return self.values if dtype is None else self.values.astype(dtype)
+
+    @property
+    def shape(self):
+        return self.values.shape
+
+
+def test_feature_names_are_kept_checked_and_saved(tmp_path):
+    """Fitted on named columns, a model refuses the same data with columns renamed or
+    reordered (it would read them by position), keeps the names through save/load, and
+    plain arrays still predict."""
+    X, y = sine(200, seed=0)
+    X3 = np.column_stack([X, X[:, 0] ** 2])
+    m = SWIMRegressor(hidden_layer_sizes=(20,), random_state=0).fit(
+        _Frame(X3, ["a", "b", "c"][:X3.shape[1]]), y)
+    names = ["a", "b", "c"][:X3.shape[1]]
+    np.testing.assert_array_equal(m.feature_names_in_, names)
+    ref = m.predict(X3)
+    np.testing.assert_array_equal(m.predict(_Frame(X3, names)), ref)
+    with pytest.raises(ValidationError, match="feature names differ"):
+        m.predict(_Frame(X3[:, ::-1], names[::-1]))
+    loaded = load_model(m.save(str(tmp_path / "m.npz")))
+    np.testing.assert_array_equal(loaded.feature_names_in_, names)
+    with pytest.raises(ValidationError, match="feature names differ"):
+        loaded.predict(_Frame(X3, ["x"] * len(names)))
+    assert not hasattr(SWIMRegressor(hidden_layer_sizes=(20,)).fit(X3, y), "feature_names_in_")
