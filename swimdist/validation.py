@@ -108,6 +108,13 @@ def check_positive_int(value, name: str) -> int:
     return int(value)
 
 
+def check_nonnegative_int(value, name: str) -> int:
+    """An integer >= 0, or a ValidationError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValidationError(f"{name} must be an integer >= 0; got {value!r}.")
+    return int(value)
+
+
 def check_hidden_layer_sizes(sizes) -> tuple[int, ...]:
     """``hidden_layer_sizes`` as a non-empty tuple of integers >= 1."""
     if isinstance(sizes, numbers.Integral) and not isinstance(sizes, bool):

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import time
 
 import numpy as np
@@ -46,7 +45,7 @@ from .. import config, progress
 from .._dask import wait_for
 from ..design import as_design
 from ..exceptions import ValidationError
-from ..validation import check_nonnegative, check_positive_int
+from ..validation import check_nonnegative, check_nonnegative_int, check_positive_int
 from ._common import digest_array, is_dask
 from .lsqr import RowBlockOperator, chebyshev, chebyshev_iterations, lsqr
 from .result import LstsqResult
@@ -160,9 +159,8 @@ def solve_lsrn(
     gamma = check_nonnegative(config.get("solver.gamma", 2.0) if gamma is None else gamma,
                               "gamma")
     tol = check_nonnegative(config.get("solver.tol", 1e-12) if tol is None else tol, "tol")
-    max_iter = int(config.get("solver.max-iter", 500)) if max_iter is None else max_iter
-    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 0:
-        raise ValidationError(f"max_iter must be an integer >= 0; got {max_iter!r}.")
+    max_iter = check_nonnegative_int(
+        int(config.get("solver.max-iter", 500)) if max_iter is None else max_iter, "max_iter")
     if sketch not in KINDS:
         raise ValidationError(f"Unknown sketch {sketch!r}; valid sketches are: {', '.join(KINDS)}.")
     if lsrn_iterations not in ITERATIONS:

@@ -51,9 +51,10 @@ from .. import config, progress
 from .._dask import current_client, single_thread_lapack
 from ..design import as_design, reduce_blocks, row_chunked, rows_like
 from ..exceptions import ConvergenceWarning, ValidationError
-from ..validation import check_nonnegative, check_positive_int
+from ..validation import check_nonnegative, check_nonnegative_int, check_positive_int
 from ._common import decision_rule, digest_array, is_dask
 from .kernels import CONVERT_BYTES, THIN_BYTES, f64_pieces
+from .normal import symmetrize
 from .result import LstsqResult
 
 logger = logging.getLogger("swimdist.lstsq")
@@ -111,18 +112,6 @@ def _columns(read, Y, n_feat: int, bias: int, r0: int, r1: int, c0: int,
     return tuple(blocks)
 
 
-def _mirror_upper(T: np.ndarray, block: int = 512) -> None:
-    """Copy the upper triangle of the square ``T`` onto its lower one, in place (column
-    blocks: no temporary larger than ``block`` columns)."""
-    m = T.shape[0]
-    for c0 in range(0, m, block):
-        c1 = min(m, c0 + block)
-        sq = T[c0:c1, c0:c1]
-        sq[...] = np.triu(sq) + np.triu(sq, 1).T
-        if c1 < m:
-            T[c1:, c0:c1] = T[c0:c1, c1:].T
-
-
 def _panel_task(source, Y, n_feat, bias, N, rows, p, width, gram_dtype, out=None,
                 report=None):
     """Panel ``B[:, p0:p1]^T B[:, p0:width]`` summed over row blocks, in ``gram_dtype``.
@@ -159,7 +148,7 @@ def _panel_task(source, Y, n_feat, bias, N, rows, p, width, gram_dtype, out=None
             gemm(1.0, bp.T, br.T, trans_b=1, beta=1.0, c=acc[:, m:], overwrite_c=1)
         if tick is not None:
             tick(m * (width - p0) * (r1 - r0) / N)
-    _mirror_upper(acc[:, :m])
+    symmetrize(acc[:, :m], tile=512)  # SYRK filled the upper triangle
     if out is None:
         return acc
     from ..store import save_npy_atomic
@@ -737,8 +726,7 @@ def solve_normal_tiled(A, Y, *, rcond: float = 1e-10, alpha: float = 0.0,
                               "or 1, or every entry -1 or +1); use stop='objective' for "
                               "regression.")
     accept_tol = check_nonnegative(accept_tol, "accept_tol")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 0:
-        raise ValidationError(f"max_iter must be an integer >= 0; got {max_iter!r}.")
+    max_iter = check_nonnegative_int(max_iter, "max_iter")
     checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
     ridge = None if ridge is None else check_nonnegative(ridge, "ridge")
     precond_ridge = (None if precond_ridge is None
